@@ -1,0 +1,55 @@
+"""Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022, "Classifier-Free
+Diffusion Guidance", eq. 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["ClassifierFreeGuidance"]
+
+
+def _cat(a: Any, b: Any, batch: int) -> Any:
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.shape[1:] != b.shape[1:]:
+            raise ValueError("conditional and unconditional inputs must be tensors of matching shape")
+        a = a.expand(batch, *a.shape[1:]) if a.shape[0] == 1 else a
+        b = b.expand(batch, *b.shape[1:]) if b.shape[0] == 1 else b
+        return torch.cat([a, b])
+    if a != b:
+        raise ValueError(f"non-tensor conditioning must be equal for both branches, got {a!r} and {b!r}")
+    return a
+
+
+class ClassifierFreeGuidance(torch.nn.Module):
+    """``D_w(x, t) = D(x, t | uncond) + w (D(x, t | cond) - D(x, t | uncond))``.
+
+    One batched forward computes both branches (the unconditional half first, as diffusers'
+    pipelines do).  ``w = 1`` is the conditional model, ``w = 0`` the unconditional one: the
+    convention of diffusers' ``guidance_scale``.  Guidance is applied to the data prediction; since
+    every prediction type is affine in the network output at fixed ``(x, t)``, this equals guiding
+    the network output.  ``uncond`` holds the unconditional inputs under the same keys as the
+    conditional ``cond`` passed at call time.  The last unconditional prediction is kept in
+    ``last_uncond`` for samplers that need it (CFG++).
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], guidance_scale: float, uncond: Mapping[str, Any]):
+        super().__init__()
+        self.denoiser = denoiser
+        self.guidance_scale = float(guidance_scale)
+        self.uncond = dict(uncond)
+        self.schedule = getattr(denoiser, "schedule", None)
+        self.last_uncond: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        if set(cond) != set(self.uncond):
+            raise ValueError(
+                f"conditioning keys {sorted(cond)} do not match the unconditional keys {sorted(self.uncond)}"
+            )
+        both = {k: _cat(self.uncond[k], cond[k], x.shape[0]) for k in cond}
+        tt = t if t.ndim == 0 else torch.cat([t, t])
+        d_u, d_c = self.denoiser(torch.cat([x, x]), tt, **both).chunk(2)
+        self.last_uncond = d_u
+        return d_u + self.guidance_scale * (d_c - d_u)

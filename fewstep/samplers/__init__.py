@@ -1,0 +1,9 @@
+"""The sampler registry and the pull-style front door.
+
+Importing this package registers the built-in families (one module each)."""
+
+from fewstep.samplers import ddim, deis, dpm_solver  # noqa: F401  (registration)
+from fewstep.samplers.core import NonFiniteError, Program, SampleInfo, prepare, sample
+from fewstep.samplers.registry import SamplerSpec, available, spec
+
+__all__ = ["available", "spec", "sample", "prepare", "Program", "SamplerSpec", "SampleInfo", "NonFiniteError"]

@@ -1,0 +1,282 @@
+"""Shared maths of the exponential-integrator samplers (DDIM, DPM-Solver++, DEIS, ...).
+
+With the half log-SNR ``lambda = log alpha - log sigma`` and step ``h = lambda_t - lambda_s``,
+the probability-flow ODE in data prediction ``D`` has the exact solution (Lu et al. 2022b,
+"DPM-Solver++", eq. 9)
+
+    x_t = (sigma_t / sigma_s) x_s + sigma_t * int_{lambda_s}^{lambda_t} e^{lambda} D(x_lambda) dlambda.
+
+Expanding ``D`` in powers of ``(lambda - lambda_s)`` gives the integrals written here as
+
+    e1(h) = 1 - e^{-h},    e2(h) = 1 - e1(h)/h,    e3(h) = e2(h)/h - 1/2,
+
+so that the k-th Taylor term contributes ``alpha_t * h^k * e_{k+1}(h) * D^{(k)} / ...``.  All
+three are finite for ``h -> inf`` (a step to clean data, ``sigma_t = 0``: ``e1 = e2 = 1``,
+``e3 = -1/2``) and evaluated with series for small ``h``.  Coefficients are Python floats
+(float64), computed once per program; a step is then a short linear combination of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fewstep.samplers.core import Eval, NoiseSource, Point, Routine
+
+__all__ = [
+    "e1",
+    "e2",
+    "e3",
+    "ratio",
+    "combine",
+    "ddim_coefficients",
+    "dpmpp_multistep_weights",
+    "multistep_orders",
+    "lagrange_integrals",
+    "LinearStep",
+    "linear_multistep_routine",
+    "Stage",
+    "Interval",
+    "runge_kutta_routine",
+]
+
+
+def e1(h: float) -> float:
+    """``1 - exp(-h)``."""
+    return -math.expm1(-h)
+
+
+def e2(h: float) -> float:
+    """``1 - (1 - exp(-h)) / h = (h - 1 + exp(-h)) / h``."""
+    if math.isinf(h):
+        return 1.0
+    if abs(h) < 1e-4:
+        return h / 2 - h * h / 6 + h**3 / 24
+    return 1.0 - e1(h) / h
+
+
+def e3(h: float) -> float:
+    """``e2(h) / h - 1/2 = (h - 1 + exp(-h)) / h^2 - 1/2``."""
+    if math.isinf(h):
+        return -0.5
+    if abs(h) < 1e-3:
+        return -h / 6 + h * h / 24 - h**3 / 120
+    return e2(h) / h - 0.5
+
+
+def ratio(a: float, b: float) -> float:
+    """``a / b``, with the limit 1 when both are infinite (steps out of a zero-SNR start, where
+    ``lambda_s = -inf`` and every log-SNR difference from it is infinite)."""
+    if math.isinf(a) and math.isinf(b):
+        return 1.0
+    return a / b
+
+
+def combine(x: torch.Tensor, c_x: float, terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """``c_x * x + sum(w * d for w, d in terms)``, skipping zero weights."""
+    out = x * c_x if c_x != 1.0 else x.clone()
+    for w, d in terms:
+        if w != 0.0:
+            out.add_(d, alpha=w)
+    return out
+
+
+def ddim_coefficients(s: Point, t: Point, eta: float = 0.0) -> tuple[float, float, float]:
+    """DDIM step from ``s`` to ``t`` (Song et al. 2021, "Denoising Diffusion Implicit Models",
+    eq. 12) in data prediction: ``x_t = c_x x_s + c_d D + c_z z``.
+
+    With ``eps_hat = (x_s - alpha_s D) / sigma_s``, ``x_t = alpha_t D + c eps_hat + c_z z`` where
+    ``c_z = eta sigma_t sqrt(1 - e^{-2h})`` (eq. 16 in log-SNR form, valid for any schedule) and
+    ``c = sqrt(sigma_t^2 - c_z^2)``.  At ``eta = 0`` this is DPM-Solver++(1)."""
+    h = t.lam - s.lam
+    c_z = eta * t.sigma * math.sqrt(max(e1(2 * h), 0.0)) if eta else 0.0
+    c = math.sqrt(max(t.sigma**2 - c_z**2, 0.0))
+    if eta == 0.0:  # the exponential-integrator form, exact at zero SNR and at sigma_t = 0
+        return t.sigma / s.sigma, t.alpha * e1(h), 0.0
+    return c / s.sigma, t.alpha - c * s.alpha / s.sigma, c_z
+
+
+def dpmpp_multistep_weights(
+    pts: Sequence[Point],
+    i: int,
+    order: int,
+    solver_type: str = "midpoint",
+    eta: float = 0.0,
+    d2_weight: float = 1.0,
+) -> tuple[float, list[float], float]:
+    """Multistep DPM-Solver++ step ``i`` (from ``pts[i]`` to ``pts[i+1]``) of the given order,
+    using the data predictions at ``pts[i], pts[i-1], pts[i-2]``.
+
+    Returns ``(c_x, [w_0, w_1, w_2][:order], c_z)`` with
+    ``x_{i+1} = c_x x_i + sum_j w_j D_{i-j} + c_z z``.
+
+    * order 1: DPM-Solver++(1) = DDIM.
+    * order 2: DPM-Solver++(2M), Lu et al. 2022b, Algorithm 2 (``midpoint``), or the ``heun``
+      variant of its derivative term.
+    * order 3: DPM-Solver++(3M): second-order divided differences in ``lambda``.  With
+      ``D2 = (D1_0 - D1_1) / (r0 + r1) = h^2 D''/2 + O(h^3)`` the Taylor term
+      ``-alpha_t h^2 e3(h) D''`` is ``-2 alpha_t e3(h) D2``.  The reference implementation
+      (LuChengTHU/dpm-solver, and diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``)
+      weights ``D2`` by ``-alpha_t e3(h)``, half of that, which leaves the method second order;
+      ``d2_weight=0.5`` reproduces it, the default ``1.0`` is third order (measured slope 3.0 on
+      the exact mixture, tests/test_convergence.py).
+    * ``eta > 0``: SDE-DPM-Solver++(2M) (Lu et al. 2022b, sec. 5 / App. B): the data term
+      decays as ``e^{-(1+eta) h}`` and ``c_z = sigma_t sqrt(1 - e^{-2 eta h})``; ``eta = 1`` is the
+      paper's variant.
+    """
+    s, t = pts[i], pts[i + 1]
+    h = t.lam - s.lam
+    if eta:
+        c_x = (t.sigma / s.sigma) * math.exp(-eta * h) if not math.isinf(h) else 0.0
+        hh = (1.0 + eta) * h  # the data term's effective step
+        c_z = t.sigma * math.sqrt(max(e1(2 * eta * h), 0.0))
+    else:
+        c_x, hh, c_z = t.sigma / s.sigma, h, 0.0
+    c0 = t.alpha * e1(hh)
+    if order == 1:
+        return c_x, [c0], c_z
+    h0 = s.lam - pts[i - 1].lam
+    r0 = ratio(h0, h)
+    if order == 2:
+        if solver_type == "midpoint":
+            c1 = 0.5 * c0
+        elif solver_type == "heun":
+            c1 = t.alpha * e2(hh)
+        else:
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+        # D1 = (D_i - D_{i-1}) / r0
+        return c_x, [c0 + c1 / r0, -c1 / r0], c_z
+    if order != 3:
+        raise ValueError(f"multistep DPM-Solver++ has orders 1 to 3, got {order}")
+    if eta:
+        raise ValueError("the SDE variant is implemented up to order 2")
+    r1 = ratio(pts[i - 1].lam - pts[i - 2].lam, h)
+    c1, c2 = t.alpha * e2(h), t.alpha * e3(h)
+    a = np.array([1 / r0, -1 / r0, 0.0])  # (D_i - D_{i-1}) / r0
+    b = np.array([0.0, 1 / r1, -1 / r1])  # (D_{i-1} - D_{i-2}) / r1
+    d1 = a + (r0 / (r0 + r1)) * (a - b)
+    d2 = (a - b) / (r0 + r1)
+    w = c0 * np.array([1.0, 0.0, 0.0]) + c1 * d1 - 2.0 * d2_weight * c2 * d2
+    return c_x, [float(v) for v in w], 0.0
+
+
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(48)
+
+
+def lagrange_integrals(
+    nodes: Sequence[float],
+    lo: float,
+    hi: float,
+    tau_of: Callable[[np.ndarray], np.ndarray],
+    jacobian: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> list[float]:
+    """``[int_lo^hi l_j(tau_of(v)) J(v) dv for j]`` for the Lagrange basis ``l_j`` on ``nodes``
+    (Gauss-Legendre, 48 points, float64).  ``tau_of`` maps the integration variable to the
+    interpolation variable and ``jacobian`` (default 1) is the change-of-variable factor, both
+    vectorised over a numpy array."""
+    k = len(nodes)
+    v = 0.5 * (hi - lo) * _GL_NODES + 0.5 * (hi + lo)
+    tau = tau_of(v)
+    jac = jacobian(v) if jacobian is not None else 1.0
+    out = []
+    for j in range(k):
+        lj = np.ones_like(tau)
+        for m in range(k):
+            if m != j:
+                lj = lj * (tau - nodes[m]) / (nodes[j] - nodes[m])
+        out.append(float(0.5 * (hi - lo) * np.sum(_GL_WEIGHTS * lj * jac)))
+    return out
+
+
+def multistep_orders(num_steps: int, order: int, lower_order_final: bool, last_step_to_data: bool) -> list[int]:
+    """Per-step orders of a multistep solver: warm-up ``min(order, i + 1)``; with
+    ``lower_order_final`` and fewer than 15 steps the last step is first order and the one before
+    at most second order (diffusers' rule, for stability at few steps); a step onto clean data
+    (``lambda = inf``) is first order, as no polynomial in ``lambda`` extends there."""
+    orders = [min(order, i + 1) for i in range(num_steps)]
+    if lower_order_final and num_steps < 15:
+        orders[-1] = 1
+        if num_steps >= 2:
+            orders[-2] = min(orders[-2], 2)
+    if last_step_to_data:
+        orders[-1] = 1
+    return orders
+
+
+@dataclass(frozen=True)
+class LinearStep:
+    """``x_next = c_x x + sum_j w_d[j] D_{i-j} + sum_j w_eps[j] eps_{i-j} + c_z z`` where ``D`` are
+    data predictions, ``eps = (x - alpha D) / sigma`` the matching noise predictions and ``z``
+    fresh standard normal noise."""
+
+    c_x: float
+    w_d: tuple[float, ...] = ()
+    w_eps: tuple[float, ...] = ()
+    c_z: float = 0.0
+
+
+def linear_multistep_routine(
+    pts: Sequence[Point], steps: Sequence[LinearStep]
+) -> Callable[[torch.Tensor, NoiseSource], Routine]:
+    """The routine of a linear multistep method: one evaluation at ``pts[i]`` per step, then
+    ``steps[i]`` over the history of data (and, if any step needs them, noise) predictions."""
+    depth = max(max(len(s.w_d), len(s.w_eps)) for s in steps)
+    need_eps = any(s.w_eps for s in steps)
+
+    def routine(x: torch.Tensor, noise: NoiseSource) -> Routine:
+        hist_d: list[torch.Tensor] = []
+        hist_eps: list[torch.Tensor] = []
+        for i, st in enumerate(steps):
+            p = pts[i]
+            x, d = yield Eval(x, p.t)
+            hist_d = [d, *hist_d[: depth - 1]]
+            if need_eps:
+                hist_eps = [combine(x, 1.0 / p.sigma, [(-p.alpha / p.sigma, d)]), *hist_eps[: depth - 1]]
+            x = combine(x, st.c_x, [*zip(st.w_d, hist_d), *zip(st.w_eps, hist_eps)])
+            if st.c_z:
+                x.add_(noise.randn_like(x), alpha=st.c_z)
+        return x
+
+    return routine
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One evaluation inside a single step: at time ``t``, state ``c_x x + sum_j w[j] D_j`` over
+    the data predictions ``D_0 .. D_{k-1}`` of the earlier stages of the same step."""
+
+    t: float
+    c_x: float = 1.0
+    w: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A single step of an explicit Runge-Kutta-type method in linear form: its stages, then
+    ``x_next = c_x x + sum_j w[j] D_j``."""
+
+    stages: tuple[Stage, ...]
+    c_x: float
+    w: tuple[float, ...]
+
+
+def runge_kutta_routine(intervals: Sequence[Interval]) -> Callable[[torch.Tensor, NoiseSource], Routine]:
+    """The routine of a singlestep (Runge-Kutta-type) method: every stage is one evaluation."""
+
+    def routine(x: torch.Tensor, noise: NoiseSource) -> Routine:
+        for iv in intervals:
+            ds: list[torch.Tensor] = []
+            for st in iv.stages:
+                u = x if not st.w else combine(x, st.c_x, list(zip(st.w, ds)))
+                u_seen, d = yield Eval(u, st.t)
+                if not st.w:
+                    x = u_seen  # the caller may hand back a changed state (diffusers' inpainting)
+                ds.append(d)
+            x = combine(x, iv.c_x, list(zip(iv.w, ds)))
+        return x
+
+    return routine

@@ -1,0 +1,386 @@
+"""Sampler programs and the pull-style driver, :func:`sample`.
+
+A sampler is written once, as a *routine*: a Python generator that yields :class:`Eval`
+requests ("evaluate the denoiser at (x, t)") and receives ``(x, x0_hat)`` back, where ``x`` is
+the state the evaluation was made at (the driver may hand back a state the caller changed, as
+diffusers' inpainting pipelines do) and ``x0_hat`` the data prediction.  It returns the final
+sample.  Everything a routine needs is precomputed by its family's *builder* into a
+:class:`Program`: the time grid, per-step coefficients, and (for push-style use) the list of
+evaluation times.  Two drivers run programs: :func:`sample` here (the loop calls the network)
+and :class:`fewstep.FewstepScheduler` (diffusers' loop calls the network); both apply the same
+data-prediction transform and produce the same tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fewstep._util import close_matches
+from fewstep.models.prediction import time_tensor
+from fewstep.schedules import NoiseSchedule, Spacing, default_spacing, time_grid
+from fewstep.samplers.registry import SamplerSpec, spec
+
+__all__ = ["Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "NonFiniteError", "SampleInfo"]
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """The denoiser returned NaN or inf."""
+
+
+@dataclass(frozen=True)
+class Eval:
+    """A request to evaluate the denoiser at state ``x`` and schedule time ``t``."""
+
+    x: torch.Tensor
+    t: float
+
+
+Routine = Generator[Eval, "tuple[torch.Tensor, torch.Tensor]", torch.Tensor]
+
+
+class NoiseSource:
+    """Gaussian noise for stochastic samplers, from one ``torch.Generator`` or one per sample
+    (``generator=[g_0, ..., g_{B-1}]``: then sample ``b`` only ever draws from ``g_b``, so results
+    do not depend on how samples are batched)."""
+
+    def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None = None):
+        self.generator = generator
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.generator
+        if g is None or isinstance(g, torch.Generator):
+            return torch.randn(x.shape, generator=g, dtype=x.dtype, device=g.device if g is not None else x.device).to(x.device)
+        if len(g) != x.shape[0]:
+            raise ValueError(f"got {len(g)} generators for a batch of {x.shape[0]} samples; pass one per sample")
+        return torch.stack(
+            [torch.randn(x.shape[1:], generator=gi, dtype=x.dtype, device=gi.device) for gi in g]
+        ).to(x.device)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One time of a grid with its schedule values (Python floats, float64)."""
+
+    t: float
+    alpha: float
+    sigma: float
+    lam: float  # half log-SNR, +inf at clean data, -inf at zero SNR
+
+
+def points(schedule: NoiseSchedule, times: Sequence[float] | torch.Tensor) -> list[Point]:
+    """Schedule values at ``times``, computed in one vectorised float64 evaluation."""
+    t = torch.as_tensor(times, dtype=torch.float64).flatten()
+    la, ls = schedule.log_alpha_sigma(t)
+    lam = la - ls  # +inf at clean data, -inf at zero SNR
+    return [
+        Point(ti, math.exp(a), math.exp(s), li)
+        for ti, a, s, li in zip(t.tolist(), la.tolist(), ls.tolist(), lam.tolist())
+    ]
+
+
+@dataclass
+class Setup:
+    """Everything a builder needs to prepare a program."""
+
+    spec: SamplerSpec
+    schedule: NoiseSchedule
+    nfe: int
+    options: dict[str, Any]
+    spacing: Spacing | None = None
+    end: str = "zero"
+    t_start: float | None = None
+
+    def grid(self, num_steps: int) -> torch.Tensor:
+        """The step grid: the caller's spacing, or the schedule family's default."""
+        if num_steps < 1:
+            raise ValueError(f"{self.spec.name} cannot run with nfe={self.nfe}: minimum is {self.spec.min_nfe}")
+        sp = self.spacing if self.spacing is not None else default_spacing(self.schedule)
+        return time_grid(self.schedule, num_steps, sp, end=self.end, t_start=self.t_start)
+
+    def points(self, times: Sequence[float] | torch.Tensor) -> list[Point]:
+        return points(self.schedule, times)
+
+    def ends_on_data(self) -> bool:
+        """Whether the grid will finish on clean data (``sigma = 0``)."""
+        if self.spacing is not None and not isinstance(self.spacing, str):
+            last = float(torch.as_tensor(self.spacing, dtype=torch.float64).flatten()[-1])
+        else:
+            last = self.schedule.t_zero if self.end == "zero" else self.schedule.t_min
+        return self.schedule.sigma(last) == 0.0
+
+    def program(
+        self,
+        grid: torch.Tensor,
+        eval_times: list[float] | None,
+        routine: Callable[[torch.Tensor, "NoiseSource"], "Routine"],
+        stochastic: bool = False,
+    ) -> "Program":
+        return Program(self.spec, self.schedule, self.nfe, grid, eval_times, routine, dict(self.options), stochastic)
+
+
+@dataclass
+class Program:
+    """A sampler prepared for one schedule, budget, grid and option set.
+
+    ``eval_times`` are the times of the ``nfe`` evaluations in order, or ``None`` when the
+    routine chooses them while sampling (then diffusers' push loop cannot drive it)."""
+
+    spec: SamplerSpec
+    schedule: NoiseSchedule
+    nfe: int
+    grid: torch.Tensor
+    eval_times: list[float] | None
+    routine: Callable[[torch.Tensor, NoiseSource], Routine]
+    options: dict[str, Any] = field(default_factory=dict)
+    stochastic: bool = False
+    x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def start_time(self) -> float:
+        return float(self.grid[0])
+
+    @functools.cached_property
+    def eval_points(self) -> list[Point]:
+        """Schedule values at the planned evaluation times (push-style drivers convert with them)."""
+        if self.eval_times is None:
+            raise ValueError(f"{self.spec.name} chooses its evaluation times while sampling")
+        return points(self.schedule, self.eval_times)
+
+    def initial_state(self, noise: torch.Tensor) -> torch.Tensor:
+        """``x_T`` from standard normal noise: ``noise * schedule.noise_scale(t_start)``."""
+        return noise * self.schedule.noise_scale(self.start_time)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per sample, ``s`` is the
+    ``ratio`` quantile of ``|x0|`` clamped to ``[1, max_value]``; ``x0`` is clamped to ``[-s, s]``
+    and divided by ``s``."""
+    flat = x0.reshape(x0.shape[0], -1).abs().float()
+    s = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def _x0_transform(options: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    clip, thr = options.get("clip_denoised"), options.get("thresholding")
+    if clip is not None and thr:
+        raise ValueError("use either clip_denoised or thresholding, not both")
+    if thr:
+        ratio, max_value = float(options["dynamic_thresholding_ratio"]), float(options["sample_max_value"])
+        if not 0 < ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
+        return lambda x0: dynamic_threshold(x0, ratio, max_value)
+    if clip is not None:
+        c = float(clip)
+        if c <= 0:
+            raise ValueError(f"clip_denoised must be positive, got {clip}")
+        return lambda x0: x0.clamp(-c, c)
+    return None
+
+
+def _check_nfe(nfe: Any, s: SamplerSpec) -> int:
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        try:
+            import numpy as np
+
+            if isinstance(nfe, np.integer):
+                return _check_nfe(int(nfe), s)
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"nfe must be an int (the number of network evaluations), got {nfe!r}")
+    if nfe < s.min_nfe:
+        raise ValueError(f"{s.name} needs at least nfe={s.min_nfe} network evaluations, got nfe={nfe}")
+    return nfe
+
+
+def validate_options(s: SamplerSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler's options with defaults filled in; a name it does not take is a TypeError
+    that lists the options it does take."""
+    accepted = s.all_options()
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        k = unknown[0]
+        raise TypeError(
+            f"{s.name} has no option {k!r}{close_matches(k, accepted)}; its options are: "
+            f"{', '.join(sorted(accepted)) or '(none)'} (network inputs go in cond={{...}})"
+        )
+    return {**accepted, **options}
+
+
+def prepare(
+    sampler: str,
+    nfe: int,
+    schedule: NoiseSchedule,
+    *,
+    spacing: Spacing | None = None,
+    end: str = "zero",
+    t_start: float | None = None,
+    **options: Any,
+) -> Program:
+    """Build the :class:`Program` of a registered sampler: validates the options and the NFE
+    budget, builds the grid and precomputes every coefficient."""
+    s = spec(sampler)
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(
+            f"schedule must be a fewstep.schedules.NoiseSchedule, got {type(schedule).__name__}; "
+            "for a diffusers model use fewstep.schedules.from_diffusers(scheduler_or_config)"
+        )
+    nfe = _check_nfe(nfe, s)
+    opts = validate_options(s, options)
+    program = s.build(Setup(s, schedule, nfe, opts, spacing, end, t_start))
+    program.options = opts
+    program.x0_transform = _x0_transform(opts) if s.model_kind == "diffusion" else None
+    if program.eval_times is not None and len(program.eval_times) != nfe:
+        raise RuntimeError(f"internal error: {s.name} planned {len(program.eval_times)} evaluations for nfe={nfe}")
+    return program
+
+
+@dataclass
+class SampleInfo:
+    nfe: int
+    eval_times: list[float]
+    grid: list[float]
+    sampler: str
+
+
+def _check_output(x0: Any, x: torch.Tensor, index: int, nfe: int, t: float, schedule: NoiseSchedule, check_finite: bool) -> None:
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"the denoiser must return a tensor (x0_hat), got {type(x0).__name__}")
+    if x0.shape != x.shape:
+        raise ValueError(
+            f"the denoiser returned shape {tuple(x0.shape)} for input shape {tuple(x.shape)}; "
+            "it must return a data prediction x0_hat of the input's shape"
+        )
+    if check_finite and not bool(torch.isfinite(x0).all()):
+        a, s = schedule.alpha_sigma(t)
+        raise NonFiniteError(
+            f"the denoiser returned NaN/inf at evaluation {index + 1} of {nfe} (t={t:.6g}, alpha={a:.3g}, sigma={s:.3g}). "
+            "Common causes: float16 overflow in the network (run it in bfloat16 or float32), an epsilon-prediction "
+            "model evaluated at zero SNR, or a broken checkpoint."
+        )
+
+
+def run_program(
+    program: Program,
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    *,
+    noise_source: NoiseSource | None = None,
+    cond: Mapping[str, Any] | None = None,
+    model_dtype: torch.dtype | None = None,
+    check_finite: bool = True,
+    callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Pull-style driver: runs ``program`` from state ``x``, calling ``denoiser(x, t, **cond)``.
+
+    The state is kept in ``promote(x.dtype, float32)``; the network sees ``model_dtype``.
+    Returns the final state and the list of evaluation times."""
+    cond = dict(cond or {})
+    model_dtype = model_dtype or x.dtype
+    routine = program.routine(x, noise_source or NoiseSource())
+    times: list[float] = []
+    try:
+        req = next(routine)
+        while True:
+            i = len(times)
+            if i >= program.nfe:
+                raise RuntimeError(f"internal error: {program.spec.name} asked for more than nfe={program.nfe} evaluations")
+            x0 = denoiser(req.x.to(model_dtype), time_tensor(req.t, req.x.device), **cond)
+            _check_output(x0, req.x, i, program.nfe, req.t, program.schedule, check_finite)
+            x0 = x0.to(req.x.dtype)
+            if program.x0_transform is not None:
+                x0 = program.x0_transform(x0)
+            times.append(req.t)
+            if callback is not None:
+                callback(i, req.t, req.x, x0)
+            req = routine.send((req.x, x0))
+    except StopIteration as stop:
+        out = stop.value
+    if len(times) != program.nfe:
+        raise RuntimeError(f"internal error: {program.spec.name} made {len(times)} evaluations for nfe={program.nfe}")
+    return out, times
+
+
+def _check_noise(noise: Any) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor of standard normal samples, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(
+            f"noise must be a floating-point tensor (float32, float16, bfloat16 or float64), got {noise.dtype}; "
+            "draw it with torch.randn"
+        )
+    if noise.ndim < 2:
+        raise ValueError(f"noise must be batched, shape (B, ...), got shape {tuple(noise.shape)}")
+    return noise
+
+
+def sample(
+    denoiser: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    sampler: str = "dpmpp_2m",
+    nfe: int = 10,
+    *,
+    schedule: NoiseSchedule | None = None,
+    spacing: Spacing | None = None,
+    end: str = "zero",
+    t_start: float | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
+    cond: Mapping[str, Any] | None = None,
+    check_finite: bool = True,
+    callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+    return_info: bool = False,
+    **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
+    """Sample with a registered sampler using exactly ``nfe`` denoiser evaluations.
+
+    Args:
+        denoiser: ``denoiser(x, t, **cond) -> x0_hat``; ``t`` is the schedule's time as a 0-d
+            float64 tensor.  Wrappers in :mod:`fewstep.models` turn eps/v/flow networks and
+            diffusers models into denoisers.
+        noise: standard normal noise, shape (B, ...); its dtype is the dtype the network sees
+            (float16/bfloat16 networks: the sampler state is kept in float32).
+        sampler: a registered name (``fewstep.samplers.available()``).
+        nfe: the number of network evaluations.
+        schedule: the model's noise schedule; defaults to ``denoiser.schedule``.
+        spacing: time-grid spacing name or explicit grid (see :func:`fewstep.schedules.time_grid`);
+            default: the sampler's own choice.
+        end: ``"zero"`` (finish on clean data) or ``"min"`` (stop at the schedule's ``t_min``).
+        t_start: first time of the grid (default ``schedule.t_max``).
+        generator: a ``torch.Generator`` or one per sample, for stochastic samplers (or a
+            :class:`NoiseSource` that supplies the noise itself).
+        cond: conditioning passed to the denoiser as keyword arguments.
+        options: solver options of the sampler (``fewstep.samplers.spec(name).options``).
+
+    Returns:
+        The samples (dtype of ``noise``), and a :class:`SampleInfo` if ``return_info``.
+    """
+    noise = _check_noise(noise)
+    if schedule is None:
+        schedule = getattr(denoiser, "schedule", None)
+        if schedule is None:
+            raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
+    if cond is not None and not isinstance(cond, Mapping):
+        raise TypeError(f"cond must be a mapping of keyword arguments for the denoiser, got {type(cond).__name__}")
+    program = prepare(sampler, nfe, schedule, spacing=spacing, end=end, t_start=t_start, **options)
+    work = torch.promote_types(noise.dtype, torch.float32)
+    x = program.initial_state(noise.to(work))
+    out, times = run_program(
+        program,
+        denoiser,
+        x,
+        noise_source=generator if isinstance(generator, NoiseSource) else NoiseSource(generator),
+        cond=cond,
+        model_dtype=noise.dtype,
+        check_finite=check_finite,
+        callback=callback,
+    )
+    out = out.to(noise.dtype)
+    if return_info:
+        return out, SampleInfo(len(times), times, program.grid.tolist(), program.spec.name)
+    return out

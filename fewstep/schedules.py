@@ -1,0 +1,635 @@
+"""Noise schedules and time grids, shared by every sampler, model wrapper and trainer.
+
+A schedule describes the forward process ``x_t = alpha(t) * x_0 + sigma(t) * eps`` in the
+schedule's *own* time ``t`` (the value a denoiser receives).  Every schedule exposes
+
+* ``alpha(t)``, ``sigma(t)``, ``log_alpha(t)``, ``log_sigma(t)``;
+* the half log-SNR ``lambda_(t) = log alpha(t) - log sigma(t)`` and its inverse ``t_from_lambda``;
+* three reference times: ``t_zero`` (clean data, ``sigma = 0``), ``t_min`` (the smallest time a
+  network was trained on, ``sigma > 0``) and ``t_max`` (the noisiest time);
+* ``model_timestep(t)``: the number a network trained with this schedule expects as timestep;
+* ``noise_scale(t)``: the factor applied to standard normal noise to start sampling at ``t``.
+
+All schedule maths runs in float64, whatever the dtype of the network (DESIGN.md).  Methods take
+a Python number or a tensor; a number gives back a Python float, a tensor a float64 tensor.
+
+Time grids (:func:`time_grid`) are pure functions of a schedule and a step count.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TimeLike = Union[float, int, torch.Tensor]
+
+__all__ = [
+    "NoiseSchedule",
+    "VPDiscrete",
+    "VPContinuous",
+    "EDM",
+    "FlowMatching",
+    "from_diffusers",
+    "time_grid",
+    "SPACINGS",
+    "default_spacing",
+    "diffusers_betas",
+]
+
+
+def _as64(t: TimeLike) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(device="cpu", dtype=torch.float64)
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
+def _back(value: torch.Tensor, like: TimeLike) -> TimeLike:
+    """Return a Python float for a Python input, a float64 tensor (on the input's device) otherwise."""
+    if isinstance(like, torch.Tensor):
+        return value.to(like.device) if like.device.type != "mps" else value
+    return float(value)
+
+
+class NoiseSchedule(ABC):
+    """Base class.  Subclasses implement ``_log_alpha``, ``_log_sigma`` and ``_t_from_lambda`` on
+    float64 CPU tensors; everything else is derived here."""
+
+    kind: str = "vp"  # "vp", "ve" or "flow"
+    t_zero: float
+    t_min: float
+    t_max: float
+
+    # -- to implement -------------------------------------------------------------------------
+    @abstractmethod
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor: ...
+
+    def _lambda(self, t: torch.Tensor) -> torch.Tensor:
+        return self._log_alpha(t) - self._log_sigma(t)
+
+    def _log_alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._log_alpha(t), self._log_sigma(t)
+
+    # -- public, derived ----------------------------------------------------------------------
+    def log_alpha(self, t: TimeLike) -> TimeLike:
+        return _back(self._log_alpha(_as64(t)), t)
+
+    def log_sigma(self, t: TimeLike) -> TimeLike:
+        return _back(self._log_sigma(_as64(t)), t)
+
+    def alpha(self, t: TimeLike) -> TimeLike:
+        return _back(torch.exp(self._log_alpha(_as64(t))), t)
+
+    def sigma(self, t: TimeLike) -> TimeLike:
+        return _back(torch.exp(self._log_sigma(_as64(t))), t)
+
+    def lambda_(self, t: TimeLike) -> TimeLike:
+        """Half log-SNR ``log alpha(t) - log sigma(t)``: ``+inf`` at ``t_zero``."""
+        return _back(self._lambda(_as64(t)), t)
+
+    def t_from_lambda(self, lam: TimeLike) -> TimeLike:
+        """Inverse of :meth:`lambda_` on ``[t_zero, t_max]``."""
+        return _back(self._t_from_lambda(_as64(lam)), lam)
+
+    def alpha_sigma(self, t: float) -> tuple[float, float]:
+        """``(alpha(t), sigma(t))`` as Python floats; the form samplers use for coefficients."""
+        la, ls = self._log_alpha_sigma(_as64(t))
+        return math.exp(float(la)), math.exp(float(ls))
+
+    def log_alpha_sigma(self, t: TimeLike) -> tuple[TimeLike, TimeLike]:
+        """``(log alpha(t), log sigma(t))`` in one evaluation (vectorised over a tensor ``t``)."""
+        la, ls = self._log_alpha_sigma(_as64(t))
+        return _back(la, t), _back(ls, t)
+
+    def model_timestep(self, t: TimeLike) -> TimeLike:
+        """The timestep value a network trained with this schedule expects at time ``t``."""
+        return t
+
+    def noise_scale(self, t: float) -> float:
+        """Standard deviation given to standard-normal noise to start sampling at time ``t``."""
+        return 1.0
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return self.alpha(self.t_max) == 0.0
+
+    def check_time(self, t: float, what: str = "time") -> None:
+        lo, hi = min(self.t_zero, self.t_max), max(self.t_zero, self.t_max)
+        if not (lo - 1e-9 <= t <= hi + 1e-9):
+            raise ValueError(
+                f"{what} {t!r} is outside the schedule's time range [{lo}, {hi}] "
+                f"({type(self).__name__}: t_zero={self.t_zero} is clean data, t_max={self.t_max} is pure noise)."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()})"
+
+    def _repr_args(self) -> str:
+        return ""
+
+    def config(self) -> dict[str, Any]:
+        """Plain-data description; :func:`from_config` rebuilds the schedule from it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be described as plain data")
+
+
+# ---------------------------------------------------------------------------------------------
+# VP, discrete (diffusers' DDPM family)
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusers_betas(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas: Sequence[float] | np.ndarray | None = None,
+    rescale_betas_zero_snr: bool = False,
+) -> torch.Tensor:
+    """Betas exactly as diffusers' DDPM-family schedulers build them (float32, as the model was
+    trained with), for ``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` and ``trained_betas``,
+    optionally rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", Algorithm 1)."""
+    n = int(num_train_timesteps)
+    if trained_betas is not None:
+        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta <= 0.999.
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor(
+            [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float32
+        )
+    else:
+        raise ValueError(
+            f"unknown beta_schedule {beta_schedule!r}: use 'linear', 'scaled_linear', 'squaredcos_cap_v2' "
+            "or pass trained_betas"
+        )
+    if rescale_betas_zero_snr:
+        sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+        first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+        sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+        ab = sqrt_ab**2
+        betas = 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return betas
+
+
+class VPDiscrete(NoiseSchedule):
+    """Variance-preserving schedule of a discrete-time model (DDPM, Stable Diffusion, ...).
+
+    Time ``t`` is the training timestep index, continued to real values: ``t = n`` is
+    ``alphas_cumprod[n]`` for ``n = 0 .. N-1``.  Between integers the half log-SNR is linear in
+    ``t`` (the convention of k-diffusion and of diffusers' ``_sigma_to_t``).  ``t = -1`` is clean
+    data (``alpha = 1``, like DDIM's ``set_alpha_to_one``); on a segment with an infinite log-SNR
+    end (``[-1, 0]``, and the last one under zero terminal SNR) ``alphas_cumprod`` is linear
+    instead.  ``alphas_cumprod`` are taken as diffusers computes them (float32) and promoted to
+    float64 for all later maths.
+    """
+
+    kind = "vp"
+
+    def __init__(self, alphas_cumprod: Sequence[float] | np.ndarray | torch.Tensor):
+        if isinstance(alphas_cumprod, torch.Tensor):
+            ac = alphas_cumprod.detach().cpu().to(torch.float64)
+        else:
+            ac = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
+        if ac.ndim != 1 or len(ac) < 2:
+            raise ValueError("alphas_cumprod must be a 1-D sequence of at least 2 values")
+        if not bool(torch.all(ac[1:] < ac[:-1])) or not (0 <= float(ac[-1]) and float(ac[0]) < 1):
+            raise ValueError("alphas_cumprod must decrease strictly, within [0, 1)")
+        self.alphas_cumprod = ac
+        self.num_train_timesteps = len(ac)
+        self.t_zero, self.t_min, self.t_max = -1.0, 0.0, float(len(ac) - 1)
+        self._knots = torch.arange(-1, len(ac), dtype=torch.float64)
+        self._ac = torch.cat([torch.ones(1, dtype=torch.float64), ac])
+        self._om = torch.cat([torch.zeros(1, dtype=torch.float64), 1.0 - ac])  # 1 - alphas_cumprod
+        self._lam = 0.5 * (torch.log(self._ac) - torch.log(self._om))  # +inf first, maybe -inf last
+        self._finite_seg = torch.isfinite(self._lam[:-1]) & torch.isfinite(self._lam[1:])
+        self._config: dict[str, Any] = {"type": "vp_discrete", "alphas_cumprod": ac.tolist()}
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor | Sequence[float]) -> "VPDiscrete":
+        """``alphas_cumprod = cumprod(1 - betas)`` in float32, as diffusers computes it."""
+        b = torch.as_tensor(betas, dtype=torch.float32)
+        ac = torch.cumprod(1.0 - b, dim=0)
+        return cls(ac)
+
+    def _seg(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.searchsorted(self._knots, t.contiguous(), right=True) - 1
+        idx = idx.clamp(0, len(self._knots) - 2)
+        w = t - self._knots[idx]
+        return idx, w
+
+    def _lambda(self, t: torch.Tensor) -> torch.Tensor:
+        idx, w = self._seg(t)
+        with torch.no_grad():
+            lam_lin = self._lam[idx] + w * (self._lam[idx + 1] - self._lam[idx])
+            ac = self._ac[idx] + w * (self._ac[idx + 1] - self._ac[idx])
+            om = self._om[idx] + w * (self._om[idx + 1] - self._om[idx])
+            lam_ac = 0.5 * (torch.log(ac) - torch.log(om))
+        return torch.where(self._finite_seg[idx], lam_lin, lam_ac)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * F.logsigmoid(2.0 * self._lambda(t))
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * F.logsigmoid(-2.0 * self._lambda(t))
+
+    def _log_alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self._lambda(t)
+        return 0.5 * F.logsigmoid(2.0 * lam), 0.5 * F.logsigmoid(-2.0 * lam)
+
+    def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        neg = -self._lam  # increasing along the knots
+        idx = torch.searchsorted(neg, (-lam).contiguous(), right=True) - 1
+        idx = idx.clamp(0, len(neg) - 2)
+        lo, hi = self._lam[idx], self._lam[idx + 1]
+        w_lin = (lam - lo) / (hi - lo)
+        ac = torch.sigmoid(2.0 * lam)
+        w_ac = (ac - self._ac[idx]) / (self._ac[idx + 1] - self._ac[idx])
+        w = torch.where(self._finite_seg[idx], w_lin, w_ac).clamp(0.0, 1.0)
+        return self._knots[idx] + w
+
+    def _repr_args(self) -> str:
+        return f"N={self.num_train_timesteps}, alphas_cumprod[0]={float(self.alphas_cumprod[0]):.6g}, alphas_cumprod[-1]={float(self.alphas_cumprod[-1]):.6g}"
+
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+
+# ---------------------------------------------------------------------------------------------
+# VP, continuous time (Song et al. 2021; Nichol & Dhariwal 2021)
+# ---------------------------------------------------------------------------------------------
+
+
+class VPContinuous(NoiseSchedule):
+    """Continuous-time VP schedule on ``t in [0, 1]``.
+
+    * ``linear`` (Song et al. 2021, VP-SDE): ``log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2``.
+    * ``cosine`` (Nichol & Dhariwal 2021): ``alpha(t) = cos((t + s)/(1 + s) pi/2) / cos(s/(1 + s) pi/2)``,
+      with ``t_max = 0.9946`` as in DPM-Solver to keep ``alpha > 0``.
+
+    ``t_zero = 0``; ``model_timestep(t) = timestep_scale * t``.
+    """
+
+    kind = "vp"
+
+    def __init__(
+        self,
+        kind: Literal["linear", "cosine"] = "linear",
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        cosine_s: float = 0.008,
+        t_min: float = 1e-3,
+        t_max: float | None = None,
+        timestep_scale: float = 1000.0,
+    ):
+        if kind not in ("linear", "cosine"):
+            raise ValueError(f"VPContinuous kind must be 'linear' or 'cosine', got {kind!r}")
+        self.schedule_kind = kind
+        self.beta_min, self.beta_max, self.cosine_s = float(beta_min), float(beta_max), float(cosine_s)
+        self.t_zero, self.t_min = 0.0, float(t_min)
+        self.t_max = float(t_max) if t_max is not None else (1.0 if kind == "linear" else 0.9946)
+        self.timestep_scale = float(timestep_scale)
+        self._cos0 = math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2))
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule_kind == "linear":
+            return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        s = self.cosine_s
+        return torch.log(torch.cos((t + s) / (1 + s) * math.pi / 2)) - self._cos0
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        # sigma^2 = 1 - alpha^2 = -expm1(2 log alpha), accurate near t = 0.
+        return 0.5 * torch.log(-torch.expm1(2.0 * self._log_alpha(t)))
+
+    def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        log_alpha = 0.5 * F.logsigmoid(2.0 * lam)  # alpha^2 = sigmoid(2 lambda)
+        if self.schedule_kind == "linear":
+            # Solve a t^2 + b t = L with L = -log alpha >= 0, in the cancellation-free form.
+            a, b, L = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min, -log_alpha
+            return 2 * L / (b + torch.sqrt(b * b + 4 * a * L))
+        s = self.cosine_s
+        return torch.arccos(torch.exp(log_alpha + self._cos0)) * 2 * (1 + s) / math.pi - s
+
+    def model_timestep(self, t: TimeLike) -> TimeLike:
+        return t * self.timestep_scale
+
+    def _repr_args(self) -> str:
+        return f"{self.schedule_kind!r}"
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "type": "vp_continuous",
+            "kind": self.schedule_kind,
+            "beta_min": self.beta_min,
+            "beta_max": self.beta_max,
+            "cosine_s": self.cosine_s,
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+            "timestep_scale": self.timestep_scale,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# VE / EDM (Karras et al. 2022)
+# ---------------------------------------------------------------------------------------------
+
+
+class EDM(NoiseSchedule):
+    """Variance-exploding schedule in the EDM parameterisation (Karras et al. 2022): ``alpha = 1``,
+    ``sigma(t) = t``, so the time *is* the noise level.  ``t_zero = 0``; sampling starts from
+    ``sigma_max * noise``."""
+
+    kind = "ve"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+        self.t_zero, self.t_min, self.t_max = 0.0, self.sigma_min, self.sigma_max
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(t)
+
+    def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-lam)
+
+    def noise_scale(self, t: float) -> float:
+        return float(t)
+
+    def _repr_args(self) -> str:
+        return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "edm", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024)
+# ---------------------------------------------------------------------------------------------
+
+
+class FlowMatching(NoiseSchedule):
+    """Rectified-flow schedule ``alpha = 1 - t``, ``sigma = t`` on ``t in [0, 1]``.
+
+    ``shift`` is the resolution shift of SD3 (Esser et al. 2024, eq. 23):
+    ``t' = shift t / (1 + (shift - 1) t)``, which lowers the half log-SNR by ``log shift``.  It
+    does not change the process, only where the default grid (``spacing="shifted"``) puts its
+    steps.  ``model_timestep(t) = num_train_timesteps * t`` as in diffusers' flow pipelines.
+    """
+
+    kind = "flow"
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, t_min: float | None = None):
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        self.shift = float(shift)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.t_zero, self.t_max = 0.0, 1.0
+        self.t_min = float(t_min) if t_min is not None else 1.0 / self.num_train_timesteps
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(-t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(t)
+
+    def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-lam)
+
+    def model_timestep(self, t: TimeLike) -> TimeLike:
+        return t * self.num_train_timesteps
+
+    def noise_scale(self, t: float) -> float:
+        return float(t)
+
+    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def _repr_args(self) -> str:
+        return f"shift={self.shift}"
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "flow", "shift": self.shift, "num_train_timesteps": self.num_train_timesteps, "t_min": self.t_min}
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction from diffusers and from plain data
+# ---------------------------------------------------------------------------------------------
+
+_VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+
+
+def from_diffusers(config_or_scheduler: Any) -> NoiseSchedule:
+    """The schedule a diffusers model was trained with, from a scheduler or its config.
+
+    * DDPM-family configs (``beta_schedule`` ...) give :class:`VPDiscrete` with ``alphas_cumprod``
+      identical to diffusers'; a scheduler object's own ``alphas_cumprod`` are used as they are
+      (except the ``2**-24`` clamp some schedulers put on a zero terminal SNR, which is undone).
+    * Flow-matching configs (``shift``) give :class:`FlowMatching`.
+    * EDM configs (``sigma_min``, ``sigma_max``, ``sigma_data``) give :class:`EDM`.
+    """
+    cfg: Mapping[str, Any]
+    if hasattr(config_or_scheduler, "config") and not isinstance(config_or_scheduler, Mapping):
+        cfg = dict(config_or_scheduler.config)
+    elif isinstance(config_or_scheduler, Mapping):
+        cfg = dict(config_or_scheduler)
+    else:
+        raise TypeError(
+            f"from_diffusers takes a diffusers scheduler or its config mapping, got {type(config_or_scheduler).__name__}"
+        )
+    cls_name = str(cfg.get("_class_name", type(config_or_scheduler).__name__))
+    if "FlowMatch" in cls_name or ("shift" in cfg and "beta_schedule" not in cfg):
+        return FlowMatching(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+    if "sigma_data" in cfg and "beta_schedule" not in cfg:
+        return EDM(sigma_min=cfg.get("sigma_min", 0.002), sigma_max=cfg.get("sigma_max", 80.0), sigma_data=cfg.get("sigma_data", 0.5))
+    if "beta_schedule" not in cfg and "trained_betas" not in cfg:
+        raise ValueError(
+            f"cannot tell the noise schedule of {cls_name!r}: its config has no beta_schedule, shift or sigma_data; "
+            "build one directly (fewstep.schedules.VPDiscrete, VPContinuous, EDM, FlowMatching)"
+        )
+    kwargs = {k: cfg[k] for k in _VP_KEYS if k in cfg and cfg[k] is not None}
+    return VPDiscrete.from_betas(diffusers_betas(**kwargs))
+
+
+def from_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
+    """Inverse of :meth:`NoiseSchedule.config`."""
+    cfg = dict(cfg)
+    kind = cfg.pop("type", None)
+    if kind == "vp_discrete":
+        return VPDiscrete(cfg["alphas_cumprod"])
+    if kind == "vp_continuous":
+        return VPContinuous(**cfg)
+    if kind == "edm":
+        return EDM(**cfg)
+    if kind == "flow":
+        return FlowMatching(**cfg)
+    raise ValueError(f"unknown schedule type {kind!r} in config; expected vp_discrete, vp_continuous, edm or flow")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time grids
+# ---------------------------------------------------------------------------------------------
+
+SPACINGS = ("time_uniform", "time_quadratic", "logsnr", "karras", "shifted", "linspace", "leading", "trailing")
+
+Spacing = Union[str, Sequence[float], torch.Tensor, np.ndarray]
+
+
+def default_spacing(schedule: NoiseSchedule) -> str:
+    """The spacing used when the caller gives none.
+
+    * VP (discrete or continuous): ``time_quadratic``.  On the exact digits mixture under DDPM's
+      linear schedule it gave the lowest error at NFE 5 and 10 for DDIM, DPM-Solver++ 2M/3M/2S and
+      DEIS (`benchmarks/RESULTS.md`, "default grid"); uniform log-SNR wastes the last evaluation at
+      ``t_min`` when the grid ends on clean data, uniform time spends too few steps at low noise.
+    * VE / EDM: ``karras`` (rho = 7), the EDM paper's choice.
+    * Flow matching: ``shifted`` (uniform time under the model's resolution shift, as SD3 samples).
+    """
+    if isinstance(schedule, EDM):
+        return "karras"
+    if isinstance(schedule, FlowMatching):
+        return "shifted"
+    return "time_quadratic"
+
+
+def _end_time(schedule: NoiseSchedule, end: str) -> float:
+    if end == "zero":
+        return schedule.t_zero
+    if end == "min":
+        return schedule.t_min
+    raise ValueError(f"end must be 'zero' (finish on clean data) or 'min' (finish at t_min), got {end!r}")
+
+
+def time_grid(
+    schedule: NoiseSchedule,
+    num_steps: int,
+    spacing: Spacing = "logsnr",
+    *,
+    end: Literal["zero", "min"] = "zero",
+    t_start: float | None = None,
+    rho: float = 7.0,
+    steps_offset: int = 0,
+) -> torch.Tensor:
+    """A strictly decreasing float64 grid of ``num_steps + 1`` times from ``t_start`` (default
+    ``t_max``) to the end (``t_zero`` for ``end="zero"``, ``t_min`` for ``end="min"``).
+
+    Spacings:
+
+    * ``"time_uniform"``: uniform in ``t``.
+    * ``"time_quadratic"``: uniform in ``sqrt(t - t_zero)`` (DPM-Solver's ``time_quadratic``).
+    * ``"logsnr"``: uniform half log-SNR ``lambda`` (DPM-Solver, Lu et al. 2022, sec. 3.3).
+    * ``"karras"``: ``sigma/alpha`` uniform in its ``1/rho`` power (EDM, Karras et al. 2022, eq. 5).
+    * ``"shifted"``: uniform time warped by a flow schedule's resolution shift (SD3).
+    * ``"linspace"`` / ``"leading"`` / ``"trailing"``: diffusers' integer timesteps for discrete
+      schedules (as in ``DPMSolverMultistepScheduler``; Lin et al. 2024, Table 2).
+    * a sequence of ``num_steps + 1`` decreasing times: used as given.
+
+    For ``logsnr``, ``karras`` and the diffusers spacings with ``end="zero"``, the first
+    ``num_steps`` points span ``[t_start, t_min]`` and the grid finishes with a jump to
+    ``t_zero`` (the k-diffusion / diffusers convention); the time spacings span
+    ``[t_start, end]`` directly.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    n = int(num_steps)
+    t_hi = schedule.t_max if t_start is None else float(t_start)
+    schedule.check_time(t_hi, "t_start")
+    t_end = _end_time(schedule, end)
+
+    if not isinstance(spacing, str):
+        if isinstance(spacing, torch.Tensor):
+            grid = spacing.detach().cpu().to(torch.float64).flatten()
+        else:
+            grid = torch.as_tensor(np.asarray(spacing, dtype=np.float64)).flatten()
+        if len(grid) != n + 1:
+            raise ValueError(f"a time grid for {n} steps needs {n + 1} times, got {len(grid)}")
+        _validate_grid(schedule, grid)
+        return grid
+
+    if spacing not in SPACINGS:
+        from fewstep._util import close_matches
+
+        raise ValueError(f"unknown spacing {spacing!r}{close_matches(spacing, SPACINGS)}; choose from {', '.join(SPACINGS)} or pass a list of times")
+
+    if spacing in ("time_uniform", "time_quadratic", "shifted"):
+        if spacing == "time_uniform":
+            grid = torch.linspace(t_hi, t_end, n + 1, dtype=torch.float64)
+        elif spacing == "time_quadratic":
+            z = schedule.t_zero
+            grid = z + torch.linspace(math.sqrt(t_hi - z), math.sqrt(t_end - z), n + 1, dtype=torch.float64) ** 2
+        else:
+            if not isinstance(schedule, FlowMatching):
+                raise ValueError("spacing='shifted' applies a flow-matching schedule's resolution shift; this schedule is " + type(schedule).__name__)
+            grid = schedule.shift_time(torch.linspace(t_hi, t_end, n + 1, dtype=torch.float64))
+    elif spacing in ("logsnr", "karras"):
+        lam_hi, lam_lo = schedule.lambda_(t_hi), schedule.lambda_(schedule.t_min)
+        if not math.isfinite(lam_hi):
+            raise ValueError(
+                f"spacing={spacing!r} needs a finite log-SNR at the start, but the schedule has zero SNR at t={t_hi}; "
+                "use spacing='time_uniform' or 'trailing' (zero-terminal-SNR models start from pure noise)"
+            )
+        m = n if end == "zero" else n + 1
+        if spacing == "logsnr":
+            lam = torch.linspace(lam_hi, lam_lo, m, dtype=torch.float64)
+        else:
+            s_hi, s_lo = math.exp(-lam_hi), math.exp(-lam_lo)  # sigma / alpha
+            ramp = torch.linspace(0, 1, m, dtype=torch.float64)
+            s = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+            lam = -torch.log(s)
+        grid = schedule._t_from_lambda(lam)
+        grid[0] = t_hi
+        if end == "zero":
+            grid = torch.cat([grid, torch.tensor([schedule.t_zero], dtype=torch.float64)])
+        else:
+            grid[-1] = schedule.t_min
+    else:
+        grid = _diffusers_spacing(schedule, n, spacing, steps_offset, t_end)
+    _validate_grid(schedule, grid)
+    return grid
+
+
+def _diffusers_spacing(schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int, t_end: float) -> torch.Tensor:
+    """Integer timesteps as diffusers' multistep schedulers space them (``linspace`` / ``leading``
+    / ``trailing``), followed by the end time."""
+    if not isinstance(schedule, VPDiscrete):
+        raise ValueError(f"spacing={spacing!r} is diffusers' integer-timestep spacing and needs a VPDiscrete schedule, not {type(schedule).__name__}")
+    big_n = schedule.num_train_timesteps
+    if n > big_n:
+        raise ValueError(f"spacing={spacing!r} cannot place {n} distinct integer timesteps on a {big_n}-step schedule")
+    if spacing == "linspace":
+        ts = np.linspace(0, big_n - 1, n + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ratio = big_n // (n + 1)
+        ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1] + steps_offset
+    else:  # trailing
+        ts = np.arange(big_n, 0, -big_n / n).round() - 1
+    return torch.tensor(np.concatenate([ts.astype(np.float64), [t_end]]), dtype=torch.float64)
+
+
+def _validate_grid(schedule: NoiseSchedule, grid: torch.Tensor) -> None:
+    if not bool(torch.all(torch.isfinite(grid))):
+        raise ValueError(f"time grid contains non-finite values: {grid.tolist()}")
+    if not bool(torch.all(grid[1:] < grid[:-1])):
+        raise ValueError(f"time grid must decrease strictly (noisiest time first), got {grid.tolist()}")
+    schedule.check_time(float(grid[0]), "first grid time")
+    schedule.check_time(float(grid[-1]), "last grid time")

@@ -1,0 +1,58 @@
+"""Shared fixtures: small deterministic models that need no download."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+
+
+class EpsNet:
+    """A fixed smooth noise-prediction network on (B, D) inputs: eps(x, t) = tanh(x W + t / 1000)."""
+
+    def __init__(self, dim: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(dim, dim, generator=g, dtype=torch.float64) / 3
+
+    def __call__(self, x: torch.Tensor, t, **_: object) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim:
+            t = t.reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.tanh(x @ self.w.to(x.dtype) + t / 1000.0)
+
+
+@pytest.fixture
+def eps_net() -> EpsNet:
+    return EpsNet()
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its calls (and the batch rows it saw)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.schedule = getattr(inner, "schedule", None)
+        self.calls = 0
+        self.times: list[float] = []
+
+    def __call__(self, x, t, **kw):
+        self.calls += 1
+        self.times.append(float(t))
+        return self.inner(x, t, **kw)
+
+
+@pytest.fixture(scope="session")
+def digits_mixture():
+    from fewstep.models import GaussianMixture
+
+    return GaussianMixture.digits()
+
+
+@pytest.fixture(scope="session")
+def ddpm_schedule():
+    from fewstep.eval.exact import default_schedule
+
+    return default_schedule()

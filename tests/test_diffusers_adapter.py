@@ -1,0 +1,173 @@
+"""FewstepScheduler: the push front door gives the same tensors as fewstep.sample, and runs in
+diffusers pipelines built locally from small random components."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+import fewstep
+from fewstep import FewstepScheduler
+from fewstep.models import ClassifierFreeGuidance, DiffusersDenoiser
+
+ALL_PUSH = [n for n in fewstep.available() if fewstep.spec(n).push_style]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
+
+
+@pytest.mark.parametrize("name", ALL_PUSH)
+def test_ddpm_pipeline_equals_pull(unet, name):
+    ddpm = DDPMScheduler()
+    pipe = DDPMPipeline(unet=unet, scheduler=ddpm)
+    pipe.scheduler = FewstepScheduler.from_config(ddpm.config, sampler=name)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    hook = unet.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        push = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=7, output_type="np").images
+    finally:
+        hook.remove()
+    assert len(calls) == 7 == len(pipe.scheduler.timesteps)
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn((2, 1, 8, 8), generator=g)  # what DDPMPipeline draws first
+    with torch.no_grad():
+        x = fewstep.sample(DiffusersDenoiser(unet, ddpm), noise, name, 7, generator=g)
+    pull = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert (abs(pull - push)).max() == 0.0  # the same tensors
+
+
+def test_manual_loop_float64_equals_pull_and_follows_a_changed_sample(unet):
+    ddpm = DDPMScheduler()
+    sch = FewstepScheduler.from_config(ddpm.config, sampler="dpmpp_3m")
+    den = DiffusersDenoiser(unet.double(), ddpm)
+    noise = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sch.set_timesteps(6)
+        x = noise * sch.init_noise_sigma
+        for t in sch.timesteps:
+            x = sch.step(unet(x, t).sample, t, x).prev_sample
+        pull = fewstep.sample(den, noise, "dpmpp_3m", 6)
+        assert torch.allclose(x, pull, rtol=0, atol=1e-12)
+        # a pipeline that edits the sample between steps (inpainting) is followed, not ignored
+        sch.set_timesteps(6)
+        x = noise.clone()
+        for i, t in enumerate(sch.timesteps):
+            if i == 3:
+                x = x.clone()
+                x[:, :, :4] = 0.0
+            x = sch.step(unet(x, t).sample, t, x).prev_sample
+    assert not torch.allclose(x, pull)
+    unet.float()
+
+
+def test_ddim_pipeline_with_fewstep_scheduler(unet):
+    ddpm = DDPMScheduler()
+    pipe = DDIMPipeline(unet=unet, scheduler=ddpm)
+    pipe.scheduler = FewstepScheduler.from_config(ddpm.config, sampler="deis_3")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, 8, 8, 1) and float(abs(out).sum()) > 0
+    with pytest.raises(ValueError, match="sampler_options"):
+        pipe(batch_size=1, num_inference_steps=5, eta=0.5, output_type="np")
+
+
+def _tiny_sd(tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for i, c in enumerate("abcdefghijklmnopqrstuvwxyz"):
+        vocab[c] = 2 + i
+        vocab[c + "</w>"] = 28 + i
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    text = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(vocab) + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=16, projection_dim=16, bos_token_id=0,
+                       eos_token_id=1, pad_token_id=1)
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        cross_attention_dim=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4, attention_head_dim=2,
+    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=8)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3s", "dpmpp_2m_sde"])
+def test_stable_diffusion_pipeline_with_guidance_equals_pull(tmp_path, name):
+    pipe = _tiny_sd(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, sampler=name)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        push = pipe("abc", num_inference_steps=6, guidance_scale=4.0, num_images_per_prompt=2, height=8, width=8,
+                    latents=latents, output_type="latent", generator=torch.Generator().manual_seed(5)).images
+    finally:
+        hook.remove()
+    assert calls == [4] * 6  # one batched cond+uncond forward per evaluation, 2 images per prompt
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt("abc", "cpu", 2, True)
+        den = ClassifierFreeGuidance(DiffusersDenoiser(pipe.unet, pipe.scheduler), 4.0, {"encoder_hidden_states": uncond})
+        pull = fewstep.sample(den, latents, name, 6, cond={"encoder_hidden_states": cond},
+                              generator=torch.Generator().manual_seed(5))
+    # guidance on x0 vs on eps: the same affine map, up to float32 rounding
+    assert float((push - pull).abs().max()) < 1e-4 * float(pull.abs().max())
+
+
+def test_scheduler_config_round_trip_and_errors(tmp_path):
+    sch = FewstepScheduler(sampler="ddim", sampler_options={"eta": 0.3}, spacing="logsnr", prediction_type="v_prediction")
+    sch.save_pretrained(tmp_path)
+    back = FewstepScheduler.from_pretrained(tmp_path)
+    assert back.config.sampler == "ddim" and back.config.sampler_options == {"eta": 0.3}
+    assert back.config.prediction_type == "v_prediction" and back.config.spacing == "logsnr"
+    with pytest.raises(ValueError, match="did you mean 'dpmpp_2m'"):
+        FewstepScheduler(sampler="dpmpp2m")
+    with pytest.raises(TypeError, match="has no option 'etaa'"):
+        FewstepScheduler(sampler="ddim", sampler_options={"etaa": 1.0})
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sch.step(torch.zeros(1, 2), 999, torch.zeros(1, 2))
+    sch.set_timesteps(4)
+    assert len(sch.timesteps) == 4
+    with pytest.raises(ValueError, match="planned at"):
+        sch.step(torch.zeros(1, 2), 123, torch.zeros(1, 2))
+    sch.set_timesteps(timesteps=[999, 600, 300, 100])
+    assert sch.timesteps.tolist() == [999, 600, 300, 100]
+    with pytest.raises(ValueError, match="custom timesteps"):
+        FewstepScheduler(sampler="dpmpp_2s").set_timesteps(timesteps=[999, 600, 300, 100])
+
+
+def test_zero_snr_v_prediction_through_the_scheduler(unet):
+    ddpm = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    pipe = DDPMPipeline(unet=unet, scheduler=ddpm)
+    for name in ALL_PUSH:
+        pipe.scheduler = FewstepScheduler.from_config(ddpm.config, sampler=name, spacing="trailing")
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(batch_size=1, num_inference_steps=5, output_type="np").images
+        assert pipe.scheduler.timesteps[0] == 999
+        assert bool(torch.isfinite(torch.from_numpy(out)).all())
