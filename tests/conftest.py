@@ -40,7 +40,7 @@ class CountingDenoiser:
 
     def __call__(self, x, t, **kw):
         self.calls += 1
-        self.times.append(float(t))
+        self.times.extend(t.flatten().tolist() if isinstance(t, torch.Tensor) else [float(t)])  # per-sample times: all
         return self.inner(x, t, **kw)
 
 

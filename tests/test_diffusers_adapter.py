@@ -117,7 +117,7 @@ def _tiny_sd(tmp_path):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3s", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3s", "dpmpp_2m_sde", "unipc_2"])
 def test_stable_diffusion_pipeline_with_guidance_equals_pull(tmp_path, name):
     pipe = _tiny_sd(tmp_path)
     pipe.set_progress_bar_config(disable=True)

@@ -23,7 +23,7 @@ from fewstep.eval.frechet import frechet_distance_from_features
 from fewstep.models.mixture import GaussianMixture
 from fewstep.schedules import NoiseSchedule, VPDiscrete, diffusers_betas
 
-__all__ = ["ExactRow", "ExactStudy", "exact_error_table", "default_schedule", "DEFAULT_NFES"]
+__all__ = ["ExactRow", "ExactStudy", "exact_error_table", "default_exact_samplers", "default_schedule", "DEFAULT_NFES"]
 
 DEFAULT_NFES = (4, 5, 6, 8, 10, 15, 20, 50)
 
@@ -94,6 +94,13 @@ class ExactStudy:
         return ExactRow(sampler, nfe, rmse, fd, spec.stochastic, seconds)
 
 
+def default_exact_samplers() -> list[str]:
+    """Every registered diffusion sampler that runs on a plain denoiser ``D(x, t)``: samplers that
+    need more from the driver (CFG++'s unconditional prediction) have nothing to show on the
+    unguided mixture."""
+    return [n for n in fewstep.available(model_kind="diffusion") if not fewstep.spec(n).needs]
+
+
 def exact_error_table(
     samplers: Sequence[str] | None = None,
     nfes: Sequence[int] = DEFAULT_NFES,
@@ -101,9 +108,9 @@ def exact_error_table(
     progress: Callable[[str], None] | None = None,
     **study_kwargs,
 ) -> tuple[list[ExactRow], ExactStudy]:
-    """Rows for every (sampler, NFE); samplers default to every registered diffusion sampler."""
+    """Rows for every (sampler, NFE); samplers default to :func:`default_exact_samplers`."""
     study = study or ExactStudy.make(**study_kwargs)
-    names = list(samplers) if samplers is not None else fewstep.available(model_kind="diffusion")
+    names = list(samplers) if samplers is not None else default_exact_samplers()
     rows = []
     for name in names:
         for nfe in nfes:

@@ -3,9 +3,13 @@ by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", eq. 6), i
 
 ``FD = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1^{1/2} S_2 S_1^{1/2})^{1/2})``.
 
-The trace of the matrix square root is computed from the eigenvalues of the symmetric positive
-semi-definite matrix ``S_1^{1/2} S_2 S_1^{1/2}`` (which has the same eigenvalues as ``S_1 S_2``),
-so there is no complex round-off to discard and no iteration to fail.
+The trace of the matrix square root is the sum of the singular values of
+``S_2^{1/2} S_1^{1/2}`` (:func:`trace_sqrt_product`), each factor from a symmetric
+eigendecomposition: real arithmetic throughout, so there is no complex round-off to discard and no
+iteration to fail, and small eigenvalues keep their accuracy.  Eigenvalues of a covariance within
+rounding error of zero are treated as zero (:func:`_psd_eigh`): covariances of network features are
+often singular (dead units, fewer samples than dimensions), and the square root would otherwise
+turn rounding noise of 1e-13 into errors of 1e-6 per direction.
 """
 
 from __future__ import annotations
@@ -30,17 +34,34 @@ def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+def _psd_eigh(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of a symmetric PSD matrix, eigenvalues within rounding of zero set to zero.
+
+    ``eigh`` returns each eigenvalue with an absolute error of about ``D eps ||S||``; a zero
+    eigenvalue (a feature that never varies, such as a dead ReLU unit, or fewer samples than
+    dimensions) then comes back as +-1e-13 or so, and its square root, 3e-7, is pure noise that
+    adds up over many such directions.  Eigenvalues under that error bound are therefore zeroed
+    (the rank decision ``numpy.linalg.matrix_rank`` makes)."""
     w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tol = s.shape[0] * np.finfo(np.float64).eps * max(float(w.max(initial=0.0)), 0.0)
+    return np.where(w > tol, w, 0.0), v
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = _psd_eigh(s)
+    return (v * np.sqrt(w)) @ v.T
 
 
 def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """``tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1, S_2``."""
-    r = _psd_sqrt(_np64(s1))
-    m = r @ _np64(s2) @ r
-    w = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(w, 0, None)).sum())
+    """``tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1, S_2``.
+
+    The eigenvalues of ``S_1^{1/2} S_2 S_1^{1/2} = A^T A`` with ``A = S_2^{1/2} S_1^{1/2}`` are the
+    squared singular values of ``A``, so the trace is the sum of the singular values of ``A``
+    (its nuclear norm).  An SVD gives them with absolute error ``~ eps ||A||``; taking square roots
+    of the eigenvalues of ``A^T A`` instead would turn the error ``eps ||A||^2`` of a small
+    eigenvalue ``lambda`` into ``eps ||A||^2 / (2 sqrt(lambda))``."""
+    a = _psd_sqrt(_np64(s2)) @ _psd_sqrt(_np64(s1))
+    return float(np.linalg.svd(a, compute_uv=False).sum())
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:

@@ -35,10 +35,11 @@ class ClassifierFreeGuidance(torch.nn.Module):
     ``last_uncond`` for samplers that need it (CFG++).
     """
 
-    def __init__(self, denoiser: Callable[..., torch.Tensor], guidance_scale: float, uncond: Mapping[str, Any]):
+    def __init__(self, denoiser: Callable[..., torch.Tensor], guidance_scale: float | torch.Tensor, uncond: Mapping[str, Any]):
         super().__init__()
         self.denoiser = denoiser
-        self.guidance_scale = float(guidance_scale)
+        # A (B,) tensor gives one scale per sample (distillation draws w per sample).
+        self.guidance_scale = guidance_scale if isinstance(guidance_scale, torch.Tensor) else float(guidance_scale)
         self.uncond = dict(uncond)
         self.schedule = getattr(denoiser, "schedule", None)
         self.last_uncond: torch.Tensor | None = None
@@ -52,4 +53,7 @@ class ClassifierFreeGuidance(torch.nn.Module):
         tt = t if t.ndim == 0 else torch.cat([t, t])
         d_u, d_c = self.denoiser(torch.cat([x, x]), tt, **both).chunk(2)
         self.last_uncond = d_u
-        return d_u + self.guidance_scale * (d_c - d_u)
+        w = self.guidance_scale
+        if isinstance(w, torch.Tensor) and w.ndim:
+            w = w.to(d_u.device, d_u.dtype).reshape(-1, *([1] * (d_u.ndim - 1)))
+        return d_u + w * (d_c - d_u)

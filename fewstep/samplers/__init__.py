@@ -3,7 +3,8 @@
 Importing this package registers the built-in families (one module each)."""
 
 from fewstep.samplers import ddim, deis, dpm_solver  # noqa: F401  (registration)
-from fewstep.samplers.core import NonFiniteError, Program, SampleInfo, prepare, sample
+from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, time_shift, unipc  # noqa: F401  (registration)
+from fewstep.samplers.core import NonFiniteError, Program, SampleInfo, UnguidedWarning, prepare, sample
 from fewstep.samplers.registry import SamplerSpec, available, spec
 
-__all__ = ["available", "spec", "sample", "prepare", "Program", "SamplerSpec", "SampleInfo", "NonFiniteError"]
+__all__ = ["available", "spec", "sample", "prepare", "Program", "SamplerSpec", "SampleInfo", "NonFiniteError", "UnguidedWarning"]

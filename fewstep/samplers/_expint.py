@@ -37,6 +37,9 @@ __all__ = [
     "dpmpp_multistep_weights",
     "multistep_orders",
     "lagrange_integrals",
+    "lagrange_weights",
+    "phi",
+    "forward_transition",
     "LinearStep",
     "linear_multistep_routine",
     "Stage",
@@ -66,6 +69,34 @@ def e3(h: float) -> float:
     if abs(h) < 1e-3:
         return -h / 6 + h * h / 24 - h**3 / 120
     return e2(h) / h - 0.5
+
+
+def phi(k: int, z: float) -> float:
+    """``phi_k(z) = sum_{j >= 0} z^j / (j + k)!`` (``phi_0 = e^z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``),
+    the exponential-integrator functions (Hochbruck & Ostermann 2010, "Exponential integrators")
+    that UniPC's coefficients use.  Series for ``|z| < 1/2``, the recursion otherwise; ``phi_k(-inf) = 0``."""
+    if k < 0:
+        raise ValueError(f"phi_k needs k >= 0, got {k}")
+    if abs(z) < 0.5:
+        term, total = 1.0 / math.factorial(k), 0.0
+        for j in range(30):
+            total += term
+            term *= z / (j + k + 1)
+        return total
+    val = 0.0 if z == -math.inf else math.exp(z)
+    for j in range(k):
+        val = (val - 1.0 / math.factorial(j)) / z
+    return val
+
+
+def forward_transition(s: Point, t: Point) -> tuple[float, float]:
+    """The forward process from a cleaner time ``s`` to a noisier time ``t``:
+    ``x_t = c_x x_s + c_z z`` with ``c_x = alpha_t / alpha_s`` and
+    ``c_z = sqrt(sigma_t^2 - c_x^2 sigma_s^2)``, the transition kernel ``q(x_t | x_s)`` (Kingma et al.
+    2021, "Variational Diffusion Models", appendix A).  From clean data (``sigma_s = 0``) it is
+    ``alpha_t x_0 + sigma_t z``."""
+    c_x = t.alpha / s.alpha
+    return c_x, math.sqrt(max(t.sigma**2 - (c_x * s.sigma) ** 2, 0.0))
 
 
 def ratio(a: float, b: float) -> float:
@@ -178,30 +209,40 @@ def lagrange_integrals(
     (Gauss-Legendre, 48 points, float64).  ``tau_of`` maps the integration variable to the
     interpolation variable and ``jacobian`` (default 1) is the change-of-variable factor, both
     vectorised over a numpy array."""
-    k = len(nodes)
     v = 0.5 * (hi - lo) * _GL_NODES + 0.5 * (hi + lo)
-    tau = tau_of(v)
     jac = jacobian(v) if jacobian is not None else 1.0
+    return [float(0.5 * (hi - lo) * np.sum(_GL_WEIGHTS * lj * jac)) for lj in _lagrange_basis(nodes, tau_of(v))]
+
+
+def _lagrange_basis(nodes: Sequence[float], tau: np.ndarray) -> list[np.ndarray]:
+    """The Lagrange basis polynomials ``l_j`` on ``nodes``, evaluated at ``tau``."""
     out = []
-    for j in range(k):
+    for j in range(len(nodes)):
         lj = np.ones_like(tau)
-        for m in range(k):
+        for m in range(len(nodes)):
             if m != j:
                 lj = lj * (tau - nodes[m]) / (nodes[j] - nodes[m])
-        out.append(float(0.5 * (hi - lo) * np.sum(_GL_WEIGHTS * lj * jac)))
+        out.append(lj)
     return out
 
 
-def multistep_orders(num_steps: int, order: int, lower_order_final: bool, last_step_to_data: bool) -> list[int]:
+def lagrange_weights(nodes: Sequence[float], x: float) -> list[float]:
+    """``[l_j(x) for j]``: the weights that interpolate (or extrapolate) values given at ``nodes``
+    to the point ``x`` with the polynomial through all of them."""
+    return [float(v) for v in _lagrange_basis(nodes, np.asarray(x, dtype=np.float64))]
+
+
+def multistep_orders(
+    num_steps: int, order: int, lower_order_final: bool, last_step_to_data: bool, below: float = 15
+) -> list[int]:
     """Per-step orders of a multistep solver: warm-up ``min(order, i + 1)``; with
-    ``lower_order_final`` and fewer than 15 steps the last step is first order and the one before
-    at most second order (diffusers' rule, for stability at few steps); a step onto clean data
-    (``lambda = inf``) is first order, as no polynomial in ``lambda`` extends there."""
+    ``lower_order_final`` and fewer than ``below`` steps (15: diffusers' DPM-Solver rule, for
+    stability at few steps; ``inf``: UniPC's rule, always) the orders ramp down at the end,
+    ``min(order, num_steps - i)``; a step onto clean data (``lambda = inf``) is first order, as no
+    polynomial in ``lambda`` extends there."""
     orders = [min(order, i + 1) for i in range(num_steps)]
-    if lower_order_final and num_steps < 15:
-        orders[-1] = 1
-        if num_steps >= 2:
-            orders[-2] = min(orders[-2], 2)
+    if lower_order_final and num_steps < below:
+        orders = [min(o, num_steps - i) for i, o in enumerate(orders)]
     if last_step_to_data:
         orders[-1] = 1
     return orders
@@ -220,10 +261,16 @@ class LinearStep:
 
 
 def linear_multistep_routine(
-    pts: Sequence[Point], steps: Sequence[LinearStep]
+    pts: Sequence[Point], steps: Sequence[LinearStep], renoise_uncond: bool = False
 ) -> Callable[[torch.Tensor, NoiseSource], Routine]:
     """The routine of a linear multistep method: one evaluation at ``pts[i]`` per step, then
-    ``steps[i]`` over the history of data (and, if any step needs them, noise) predictions."""
+    ``steps[i]`` over the history of data (and, if any step needs them, noise) predictions.
+
+    ``renoise_uncond`` (CFG++, Chung et al. 2024): each evaluation also returns the unconditional
+    prediction ``D_u``, and the state ``x = alpha D_u + sigma eps_u`` is moved to
+    ``alpha D + sigma eps_u`` -- the guided data point re-noised with the *unconditional* noise --
+    before the step, i.e. ``x + alpha (D - D_u)``.  For a step whose state coefficient is
+    ``sigma_t / sigma_s`` (DDIM, DPM-Solver++) that is the paper's update."""
     depth = max(max(len(s.w_d), len(s.w_eps)) for s in steps)
     need_eps = any(s.w_eps for s in steps)
 
@@ -232,7 +279,11 @@ def linear_multistep_routine(
         hist_eps: list[torch.Tensor] = []
         for i, st in enumerate(steps):
             p = pts[i]
-            x, d = yield Eval(x, p.t)
+            if renoise_uncond:
+                x, d, d_u = yield Eval(x, p.t, uncond=True)
+                x = combine(x, 1.0, [(p.alpha, d), (-p.alpha, d_u)])
+            else:
+                x, d = yield Eval(x, p.t)
             hist_d = [d, *hist_d[: depth - 1]]
             if need_eps:
                 hist_eps = [combine(x, 1.0 / p.sigma, [(-p.alpha / p.sigma, d)]), *hist_eps[: depth - 1]]

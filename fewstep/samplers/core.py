@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,22 +27,40 @@ from fewstep.models.prediction import time_tensor
 from fewstep.schedules import NoiseSchedule, Spacing, default_spacing, time_grid
 from fewstep.samplers.registry import SamplerSpec, spec
 
-__all__ = ["Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "NonFiniteError", "SampleInfo"]
+__all__ = ["Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "NonFiniteError", "UnguidedWarning", "SampleInfo"]
 
 
 class NonFiniteError(FloatingPointError, ValueError):
     """The denoiser returned NaN or inf."""
 
 
+class UnguidedWarning(UserWarning):
+    """A CFG++ sampler ran with a denoiser that exposes no unconditional prediction."""
+
+
 @dataclass(frozen=True)
 class Eval:
-    """A request to evaluate the denoiser at state ``x`` and schedule time ``t``."""
+    """A request to evaluate the denoiser at state ``x`` and schedule time ``t``.
+
+    The reply is ``(x, x0_hat)``.  Optional extensions, used only by the samplers that need them
+    (every other routine is unchanged):
+
+    * ``t`` may be a (B,) float64 tensor: one time per sample (time-shifted samplers choose it from
+      the state, sample by sample);
+    * ``s``: the target time of a model that jumps along its trajectory (CTM's ``G(x, t, s)``).  It
+      reaches denoisers that declare ``takes_target_time = True`` as the keyword ``s``; other
+      denoisers are called as ``D(x, t)`` (a jump prediction that does not depend on ``s``);
+    * ``uncond=True``: the reply is ``(x, x0_hat, x0_uncond)`` with the unconditional data
+      prediction of a guided denoiser (CFG++), read from its ``last_uncond`` attribute.
+    """
 
     x: torch.Tensor
-    t: float
+    t: float | torch.Tensor
+    s: float | None = None
+    uncond: bool = False
 
 
-Routine = Generator[Eval, "tuple[torch.Tensor, torch.Tensor]", torch.Tensor]
+Routine = Generator[Eval, "tuple[torch.Tensor, ...]", torch.Tensor]
 
 
 class NoiseSource:
@@ -235,7 +254,7 @@ def prepare(
     opts = validate_options(s, options)
     program = s.build(Setup(s, schedule, nfe, opts, spacing, end, t_start))
     program.options = opts
-    program.x0_transform = _x0_transform(opts) if s.model_kind == "diffusion" else None
+    program.x0_transform = _x0_transform(opts)
     if program.eval_times is not None and len(program.eval_times) != nfe:
         raise RuntimeError(f"internal error: {s.name} planned {len(program.eval_times)} evaluations for nfe={nfe}")
     return program
@@ -244,12 +263,14 @@ def prepare(
 @dataclass
 class SampleInfo:
     nfe: int
-    eval_times: list[float]
+    eval_times: list[float | list[float]]  # per-sample lists for samplers that choose times per sample
     grid: list[float]
     sampler: str
 
 
-def _check_output(x0: Any, x: torch.Tensor, index: int, nfe: int, t: float, schedule: NoiseSchedule, check_finite: bool) -> None:
+def _check_output(
+    x0: Any, x: torch.Tensor, index: int, nfe: int, t: float | torch.Tensor, schedule: NoiseSchedule, check_finite: bool
+) -> None:
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"the denoiser must return a tensor (x0_hat), got {type(x0).__name__}")
     if x0.shape != x.shape:
@@ -258,12 +279,41 @@ def _check_output(x0: Any, x: torch.Tensor, index: int, nfe: int, t: float, sche
             "it must return a data prediction x0_hat of the input's shape"
         )
     if check_finite and not bool(torch.isfinite(x0).all()):
+        if isinstance(t, torch.Tensor):  # per-sample times: name the first sample that failed
+            bad = int(torch.nonzero(~torch.isfinite(x0.reshape(x0.shape[0], -1)).all(dim=1))[0])
+            t = float(t.flatten()[bad])
         a, s = schedule.alpha_sigma(t)
         raise NonFiniteError(
             f"the denoiser returned NaN/inf at evaluation {index + 1} of {nfe} (t={t:.6g}, alpha={a:.3g}, sigma={s:.3g}). "
             "Common causes: float16 overflow in the network (run it in bfloat16 or float32), an epsilon-prediction "
             "model evaluated at zero SNR, or a broken checkpoint."
         )
+
+
+def _unconditional(denoiser: Callable[..., torch.Tensor], x0: torch.Tensor, program: Program) -> torch.Tensor | None:
+    """The unconditional data prediction of the evaluation just made, for CFG++: a guided denoiser
+    (:class:`fewstep.models.ClassifierFreeGuidance`) keeps it in ``last_uncond``.  ``None`` for a
+    denoiser without that attribute (an unguided one)."""
+    if not hasattr(denoiser, "last_uncond"):
+        return None
+    d_u = denoiser.last_uncond
+    if not isinstance(d_u, torch.Tensor) or d_u.shape != x0.shape:
+        raise ValueError(
+            f"{program.spec.name} needs the unconditional prediction of every evaluation; the denoiser's last_uncond "
+            f"is {None if d_u is None else tuple(getattr(d_u, 'shape', ()))}, expected shape {tuple(x0.shape)}"
+        )
+    d_u = d_u.to(x0.dtype)
+    return program.x0_transform(d_u) if program.x0_transform is not None else d_u
+
+
+def _warn_unguided(program: Program) -> None:
+    warnings.warn(
+        f"{program.spec.name} re-noises with the unconditional prediction, but the denoiser exposes none (no "
+        "last_uncond attribute): it is treated as unguided, which makes the sampler its base sampler. Pass a "
+        "fewstep.models.ClassifierFreeGuidance denoiser for CFG++.",
+        UnguidedWarning,
+        stacklevel=4,
+    )
 
 
 def run_program(
@@ -284,22 +334,30 @@ def run_program(
     cond = dict(cond or {})
     model_dtype = model_dtype or x.dtype
     routine = program.routine(x, noise_source or NoiseSource())
-    times: list[float] = []
+    takes_s = bool(getattr(denoiser, "takes_target_time", False))
+    times: list[float | list[float]] = []
     try:
         req = next(routine)
         while True:
             i = len(times)
             if i >= program.nfe:
                 raise RuntimeError(f"internal error: {program.spec.name} asked for more than nfe={program.nfe} evaluations")
-            x0 = denoiser(req.x.to(model_dtype), time_tensor(req.t, req.x.device), **cond)
+            kw = cond if req.s is None or not takes_s else {**cond, "s": time_tensor(req.s, req.x.device)}
+            x0 = denoiser(req.x.to(model_dtype), time_tensor(req.t, req.x.device), **kw)
             _check_output(x0, req.x, i, program.nfe, req.t, program.schedule, check_finite)
             x0 = x0.to(req.x.dtype)
             if program.x0_transform is not None:
                 x0 = program.x0_transform(x0)
-            times.append(req.t)
+            times.append(req.t.tolist() if isinstance(req.t, torch.Tensor) else req.t)
             if callback is not None:
                 callback(i, req.t, req.x, x0)
-            req = routine.send((req.x, x0))
+            if req.uncond:
+                d_u = _unconditional(denoiser, x0, program)
+                if d_u is None and i == 0:
+                    _warn_unguided(program)
+                req = routine.send((req.x, x0, x0 if d_u is None else d_u))
+            else:
+                req = routine.send((req.x, x0))
     except StopIteration as stop:
         out = stop.value
     if len(times) != program.nfe:

@@ -44,6 +44,25 @@ def _tau_of_point(basis: str, p: Point) -> float:
     return rho if basis == "rho" else math.log(rho)
 
 
+def deis_step(setup: Setup, pts: list[Point], i: int, k: int, basis: str) -> LinearStep:
+    """The order-``k`` DEIS step from ``pts[i]`` to ``pts[i+1]`` (eq. 14): Lagrange integrals in
+    ``basis`` over the last ``k`` evaluation points, computed by quadrature in ``log rho``."""
+    s, t = pts[i], pts[i + 1]
+    hist = pts[i - k + 1 : i + 1][::-1]  # s, then earlier evaluation points
+    if basis != "t":  # a zero-SNR node has rho = inf: drop it
+        while len(hist) > 1 and math.isinf(hist[-1].lam):
+            hist = hist[:-1]
+    if len(hist) == 1:
+        return LinearStep(0.0, (t.alpha,), (t.sigma,))
+    nodes = [_tau_of_point(basis, p) for p in hist]
+    rho_s, rho_t = math.exp(-s.lam), math.exp(-t.lam)
+    if rho_t > 0:  # integrate in u = log rho: smooth, and the step spans a modest range
+        c = lagrange_integrals(nodes, math.log(rho_s), math.log(rho_t), lambda u: _tau(setup, basis, np.exp(u)), np.exp)
+    else:
+        c = lagrange_integrals(nodes, rho_s, 0.0, lambda r: _tau(setup, basis, np.maximum(r, 1e-300)))
+    return LinearStep(t.alpha / s.alpha, (), tuple(t.alpha * cj for cj in c))
+
+
 def _deis(setup: Setup, order: int) -> Program:
     basis = setup.options["basis"]
     if basis not in BASES:
@@ -53,26 +72,7 @@ def _deis(setup: Setup, order: int) -> Program:
     # log rho has no polynomial extension to rho = 0; the t and rho bases do.
     to_data = math.isinf(pts[-1].lam) and basis == "log_rho"
     orders = multistep_orders(setup.nfe, order, bool(setup.options["lower_order_final"]), to_data)
-    steps = []
-    for i, k in enumerate(orders):
-        s, t = pts[i], pts[i + 1]
-        hist = pts[i - k + 1 : i + 1][::-1]  # s, then earlier evaluation points
-        if basis != "t":  # a zero-SNR node has rho = inf: drop it
-            while len(hist) > 1 and math.isinf(hist[-1].lam):
-                hist = hist[:-1]
-        k = len(hist)
-        if k == 1:
-            steps.append(LinearStep(0.0, (t.alpha,), (t.sigma,)))
-            continue
-        nodes = [_tau_of_point(basis, p) for p in hist]
-        rho_s, rho_t = math.exp(-s.lam), math.exp(-t.lam)
-        if rho_t > 0:  # integrate in u = log rho: smooth, and the step spans a modest range
-            c = lagrange_integrals(
-                nodes, math.log(rho_s), math.log(rho_t), lambda u: _tau(setup, basis, np.exp(u)), np.exp
-            )
-        else:
-            c = lagrange_integrals(nodes, rho_s, 0.0, lambda r: _tau(setup, basis, np.maximum(r, 1e-300)))
-        steps.append(LinearStep(t.alpha / s.alpha, (), tuple(t.alpha * cj for cj in c)))
+    steps = [deis_step(setup, pts, i, k, basis) for i, k in enumerate(orders)]
     return setup.program(grid, [p.t for p in pts[:-1]], linear_multistep_routine(pts, steps))
 
 

@@ -37,12 +37,37 @@ class FewstepSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
+_PUSH_LIMITS = {
+    "uncond": "re-noises with the unconditional prediction (CFG++), but a diffusers pipeline combines the "
+    "conditional and unconditional outputs itself and hands the scheduler only the guided one; run it with "
+    "fewstep.sample(fewstep.models.ClassifierFreeGuidance(...), ...) instead",
+    "target_time": "feeds the model the time it jumps to (CTM's G(x, t, s)), which a pipeline's network call "
+    "cannot pass; run it with fewstep.sample(...) instead",
+}
+
+
+def _check_push_style(sampler: str) -> None:
+    """A clear error for samplers a pipeline's fixed ``timesteps`` / ``step`` loop cannot drive."""
+    s = spec(sampler)
+    for need in s.needs:
+        if need in _PUSH_LIMITS:
+            raise ValueError(f"sampler {sampler!r} {_PUSH_LIMITS[need]}")
+    if not s.push_style:
+        raise ValueError(
+            f"sampler {sampler!r} chooses its evaluation times while sampling, which a diffusers pipeline's fixed "
+            "timestep loop cannot follow; run it with fewstep.sample(...) instead"
+        )
+
+
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler wrapping any registered fewstep sampler.
 
     Config (besides the usual DDPM-family schedule keys, read as diffusers reads them):
         sampler: registered sampler name (``fewstep samplers`` lists them).
         sampler_options: dict of solver options for that sampler.
+        boundary_condition: for a distilled consistency student, its ``c_skip``/``c_out``
+            boundary condition (``fewstep.distill.BoundaryCondition`` fields), applied to every data
+            prediction exactly as the student's own denoiser applies it.
         spacing: time-grid spacing name (``None``: the sampler's default).
         final: ``"zero"`` (finish on clean data) or ``"min"`` (stop at timestep 0).
         clip_sample / thresholding (+ ratio, max value): data-prediction processing, as diffusers.
@@ -75,6 +100,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         sampler_options: dict[str, Any] | None = None,
         spacing: str | None = None,
         final: str = "zero",
+        boundary_condition: dict[str, float] | None = None,
     ):
         betas = diffusers_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
@@ -121,6 +147,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         one evaluation each, then a final step to the end time)."""
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps (the NFE budget) or timesteps")
+        _check_push_style(self.config.sampler)
         if timesteps is not None:
             ts = [float(t) for t in timesteps]
             end = self.schedule.t_zero if self.config.final == "zero" else self.schedule.t_min
@@ -141,6 +168,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = program.nfe
         ts = torch.as_tensor(self.schedule.model_timestep(torch.tensor(program.eval_times, dtype=torch.float64)))
         self._model_times = ts.tolist()
+        self._boundary = None
+        if self.config.boundary_condition:
+            from fewstep.distill.student import BoundaryCondition
+
+            c_skip, c_out = BoundaryCondition(**self.config.boundary_condition).coefficients(
+                self.schedule, torch.tensor(program.eval_times, dtype=torch.float64)
+            )
+            self._boundary = list(zip(c_skip.tolist(), c_out.tolist()))
         integral = bool(torch.all(ts == ts.round()))
         self.timesteps = (ts.to(torch.int64) if integral else ts.to(torch.float32)).to(device)
         self.init_noise_sigma = self.schedule.noise_scale(program.start_time)
@@ -208,6 +243,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         else:
             x = sample.to(work) if self._step_index else req.x
         x0 = to_x0(self._prediction_type, model_output, x, point.alpha, point.sigma).to(work)
+        if self._boundary is not None:  # a consistency student: f = c_skip x + c_out x0
+            c_skip, c_out = self._boundary[self._step_index]
+            x0 = x * c_skip + x0 * c_out
         if self.program.x0_transform is not None:
             x0 = self.program.x0_transform(x0)
         self._step_index += 1

@@ -29,7 +29,7 @@ from fewstep.samplers.registry import register
 _PAPER = "Lu et al. 2022, DPM-Solver++ (arXiv:2211.01095)"
 
 
-def _multistep(setup: Setup, order: int, eta: float = 0.0) -> Program:
+def _multistep(setup: Setup, order: int, eta: float = 0.0, renoise_uncond: bool = False) -> Program:
     opts = setup.options
     d2_weight = float(opts.get("d2_weight", 1.0))
     solver_type = opts.get("solver_type", "midpoint")
@@ -39,12 +39,13 @@ def _multistep(setup: Setup, order: int, eta: float = 0.0) -> Program:
         raise ValueError(f"{setup.spec.name}: eta must be >= 0, got {eta}")
     grid = setup.grid(setup.nfe)
     pts = setup.points(grid)
-    orders = multistep_orders(setup.nfe, order, bool(opts["lower_order_final"]), math.isinf(pts[-1].lam))
+    orders = multistep_orders(setup.nfe, order, bool(opts.get("lower_order_final", True)), math.isinf(pts[-1].lam))
     steps = []
     for i, o in enumerate(orders):
         c_x, w, c_z = dpmpp_multistep_weights(pts, i, o, solver_type, eta, d2_weight)
         steps.append(LinearStep(c_x, tuple(w), (), c_z))
-    return setup.program(grid, [p.t for p in pts[:-1]], linear_multistep_routine(pts, steps), stochastic=eta > 0)
+    routine = linear_multistep_routine(pts, steps, renoise_uncond=renoise_uncond)
+    return setup.program(grid, [p.t for p in pts[:-1]], routine, stochastic=eta > 0)
 
 
 _MULTI_OPTS = {"lower_order_final": True}

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SamplerSpec", "register", "available", "spec", "get"]
 
-# Options every diffusion sampler accepts; they act on each data prediction (see core.x0_transform).
+# Options every sampler accepts; they act on each data prediction (see core.x0_transform).
 COMMON_OPTIONS: dict[str, Any] = {
     "clip_denoised": None,  # float: clamp x0_hat to [-c, c]
     "thresholding": False,  # dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3)
@@ -26,8 +26,9 @@ COMMON_OPTIONS: dict[str, Any] = {
 class SamplerSpec:
     """What a registered sampler is.
 
-    ``order`` is the convergence order of the deterministic solver (0 for samplers that have none,
-    such as consistency samplers); ``evals_per_step`` the network evaluations one full step costs;
+    ``order`` is the convergence order of the deterministic solver (0 for samplers that have none:
+    consistency samplers, and the time-shift and CFG++ samplers, which move the state by amounts that
+    do not shrink with the step); ``evals_per_step`` the network evaluations one full step costs;
     ``min_nfe`` the smallest budget it can run with; ``options`` the solver options it accepts,
     with their defaults (a misspelt option is an error, never handed to the network)."""
 
@@ -43,9 +44,13 @@ class SamplerSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     min_nfe: int = 1
     push_style: bool = True  # evaluation times known before sampling, so diffusers' loop can drive it
+    # What the sampler needs from the driver beyond ``D(x, t)`` (core.Eval): "uncond" (the
+    # unconditional prediction of a guided denoiser, CFG++) or "target_time" (a model taking the
+    # time it jumps to, CTM).  A diffusers pipeline's loop can give neither.
+    needs: tuple[str, ...] = ()
 
     def all_options(self) -> dict[str, Any]:
-        opts = dict(COMMON_OPTIONS) if self.model_kind == "diffusion" else {}
+        opts = dict(COMMON_OPTIONS)
         opts.update(self.options)
         return opts
 
@@ -59,6 +64,7 @@ class SamplerSpec:
             "model_kind": self.model_kind,
             "min_nfe": self.min_nfe,
             "push_style": self.push_style,
+            "needs": list(self.needs),
             "paper": self.paper,
             "summary": self.summary,
             "options": dict(self.options),

@@ -1,0 +1,130 @@
+"""Training data and the per-sample random streams of distillation.
+
+Every random draw of a training step (which data item, the noise, the interval, the guidance scale)
+comes from a generator owned by one *sample*, seeded from ``(seed, step, global sample index)``.
+A process of rank ``r`` owns the global indices ``r * B_local ... (r + 1) * B_local - 1`` of each
+micro-batch, so its streams are derived from ``(seed, rank, step)``; and since a sample's stream
+does not depend on which process draws it, a run on one process and a run on several with the same
+global batch see the same samples and the same noise.  Nothing random is carried from one step to
+the next, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+__all__ = [
+    "sample_generators",
+    "randn",
+    "rand",
+    "randint",
+    "DataSource",
+    "TensorData",
+    "MixtureData",
+    "load_image_folder",
+]
+
+
+def sample_generators(seed: int, step: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per global sample index, seeded by ``SeedSequence([seed, step, index])``."""
+    gens = []
+    for i in indices:
+        state = np.random.SeedSequence([int(seed), int(step), int(i)]).generate_state(2, dtype=np.uint32)
+        gens.append(torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1])))
+    return gens
+
+
+def randn(gens: Sequence[torch.Generator], shape: Sequence[int], device: Any = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, *shape) standard normals, row ``b`` drawn from ``gens[b]``."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in gens]).to(device)
+
+
+def rand(gens: Sequence[torch.Generator], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(B,) uniforms on [0, 1) (CPU)."""
+    return torch.cat([torch.rand(1, generator=g, dtype=dtype) for g in gens])
+
+
+def randint(gens: Sequence[torch.Generator], high: int) -> torch.Tensor:
+    """(B,) integers in [0, high) (CPU int64)."""
+    return torch.cat([torch.randint(int(high), (1,), generator=g) for g in gens])
+
+
+class DataSource(Protocol):
+    """Anything that draws a batch from per-sample generators.
+
+    ``sample(gens, device)`` returns ``(x0, cond)``: the clean data (B, ...) and the conditioning
+    passed to teacher and student (tensors with B rows travel with their sample)."""
+
+    shape: tuple[int, ...]
+
+    def sample(self, gens: Sequence[torch.Generator], device: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
+class TensorData:
+    """Items of a tensor (N, ...) drawn uniformly with replacement, with optional per-item
+    conditioning tensors (N, ...) (e.g. text-encoder states for LCD).
+
+    Args:
+        data: (N, ...) clean training data (images or VAE latents, already scaled).
+        cond: per-item conditioning, each a tensor with N rows.
+        dtype: the dtype the batch is returned in.
+    """
+
+    def __init__(self, data: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32):
+        if not isinstance(data, torch.Tensor) or data.ndim < 2 or data.shape[0] < 1:
+            raise ValueError("data must be a tensor of shape (N, ...) with at least one item")
+        self.data = data.detach().to(dtype)
+        self.cond = {k: v.detach() for k, v in (cond or {}).items()}
+        for k, v in self.cond.items():
+            if not isinstance(v, torch.Tensor) or v.shape[0] != data.shape[0]:
+                raise ValueError(f"conditioning {k!r} must be a tensor with one row per data item ({data.shape[0]})")
+        self.shape = tuple(data.shape[1:])
+
+    def sample(self, gens: Sequence[torch.Generator], device: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        idx = randint(gens, self.data.shape[0])
+        return self.data[idx].to(device), {k: v[idx].to(device) for k, v in self.cond.items()}
+
+
+class MixtureData:
+    """Exact samples of a :class:`fewstep.models.GaussianMixture`, reshaped to ``shape``: per sample
+    a component ``k`` (inverse CDF of one uniform) and ``x = mu_k + U_k diag(sqrt(s_k)) z``."""
+
+    def __init__(self, mixture: Any, shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32):
+        self.mixture = mixture
+        self.shape = tuple(shape) if shape is not None else (mixture.dim,)
+        if int(np.prod(self.shape)) != mixture.dim:
+            raise ValueError(f"shape {self.shape} does not hold the mixture's {mixture.dim} dimensions")
+        self.dtype = dtype
+        self._cdf = torch.cumsum(mixture.weights, 0)
+        self._root = mixture.eigenvalues.sqrt()
+
+    def sample(self, gens: Sequence[torch.Generator], device: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        m = self.mixture
+        comp = torch.searchsorted(self._cdf, rand(gens), right=True).clamp(max=m.num_components - 1)
+        z = randn(gens, (m.dim,), dtype=torch.float64)
+        x = m.means[comp] + torch.einsum("bij,bj->bi", m.eigenvectors[comp], z * self._root[comp])
+        return x.reshape(len(gens), *self.shape).to(device=device, dtype=self.dtype), {}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_image_folder(folder: Any, size: int, channels: int) -> torch.Tensor:
+    """The images of a folder (sorted by name) as (N, C, size, size) float32 in [-1, 1], converted
+    to grey (``channels=1``) or RGB and resized with bicubic filtering."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(Image.open(p).convert(mode).resize((size, size), Image.BICUBIC), dtype=np.float32) for p in files]
+    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
+    return x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)

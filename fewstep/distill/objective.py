@@ -1,0 +1,199 @@
+r"""What all consistency objectives share: interval pairs on a time grid, the forward process, the
+consistency map (to the boundary, or to a segment's edge), the distance and the loss.
+
+With a grid ``t_max = tau_N > ... > tau_1 > tau_0`` (``tau_0`` the student's boundary) an
+objective draws per sample an interval ``n``, noises clean data to ``x_{n+1} = alpha x_0 + sigma
+eps`` at ``tau_{n+1}``, gets the point ``x_hat_n`` at ``tau_n`` (a teacher ODE step for the
+distillation objectives, the same noise at the lower level for consistency training) and minimises
+
+.. math::  \mathcal{L} = \mathbb{E}\big[\lambda_n\, d\big(f_\theta(x_{n+1}, \tau_{n+1}),\
+           \mathrm{sg}(f_{\theta^-}(\hat x_n, \tau_n))\big)\big]
+
+(Song et al. 2023, "Consistency Models", eq. 7), ``theta^-`` an EMA of ``theta`` or ``theta``
+itself under stop-gradient.  ``f`` maps to the boundary, or (multistep / segment-wise
+consistency, :mod:`fewstep.distill.mcd`) to the edge of the sample's segment with the registry's
+DDIM step.  Subclasses (one file each) choose the grid, the second point, the distance and the
+weighting, and name the registry sampler their student is meant for.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from fewstep.distill.data import randint, randn
+from fewstep.distill.student import BoundaryCondition
+from fewstep.distill.teacher import IntervalSolver
+from fewstep.schedules import NoiseSchedule
+
+__all__ = ["Batch", "Models", "ConsistencyObjective", "LOSSES", "consistency_distance"]
+
+LOSSES = ("l2", "pseudo_huber", "huber")
+
+
+@dataclass
+class Batch:
+    """One micro-batch: clean data, its conditioning and one generator per sample."""
+
+    x0: torch.Tensor
+    cond: dict[str, Any]
+    gens: list[torch.Generator]
+    step: int
+
+
+@dataclass
+class Models:
+    """The networks an objective calls: ``student`` (trained), ``target`` (no gradient; the EMA
+    network, or the student itself under stop-gradient) and ``teacher`` (a denoiser, or None)."""
+
+    student: Callable[..., torch.Tensor]
+    target: Callable[..., torch.Tensor]
+    teacher: Callable[..., torch.Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) -> torch.Tensor:
+    """Per-sample distance (B,) between two batches.
+
+    * ``l2``: mean squared difference.
+    * ``pseudo_huber``: ``sqrt(||a - b||^2 + c^2) - c`` over the whole sample (Song & Dhariwal
+      2023, "Improved Techniques for Training Consistency Models", sec. 3.3).
+    * ``huber``: the same per element, then the mean (LCM's training code, ``c = 0.001``).
+    """
+    diff = (a - b).flatten(1).float()
+    if kind == "l2":
+        return diff.square().mean(1)
+    if kind == "pseudo_huber":
+        return torch.sqrt(diff.square().sum(1) + c * c) - c
+    if kind == "huber":
+        return (torch.sqrt(diff.square() + c * c) - c).mean(1)
+    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
+
+class ConsistencyObjective(ABC):
+    """Base class of the objectives.  Construct with the options; the trainer then calls
+    :meth:`bind` once (schedule, data shape, number of steps) and :meth:`loss` per micro-batch."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    needs_teacher: ClassVar[bool] = True
+    #: the registry sampler the student is meant for (recorded with the checkpoint)
+    sampler: ClassVar[str] = "cm_multistep"
+
+    def __init__(self, *, loss: str = "l2", loss_c: float | None = None, target_ema: float = 0.95, boundary_scale: float = 10.0, sigma_data: float = 0.5):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        if not 0.0 <= float(target_ema) < 1.0:
+            raise ValueError(f"target_ema must be in [0, 1) (0: stop-gradient target, no EMA network), got {target_ema}")
+        self.loss_kind = loss
+        self.loss_c = loss_c
+        self.target_ema = float(target_ema)
+        self.boundary_scale = float(boundary_scale)
+        self.sigma_data = float(sigma_data)
+        self.schedule: NoiseSchedule | None = None
+        self.data_shape: tuple[int, ...] = ()
+        self.total_steps = 0
+        self.skip = 1  # grid points spanned by one pair: tau_{n+skip} -> tau_n
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def bind(self, schedule: NoiseSchedule, data_shape: Sequence[int], total_steps: int) -> None:
+        """Attach the schedule and the data shape; subclasses build their grids here."""
+        self.schedule = schedule
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.total_steps = int(total_steps)
+        if self.loss_c is None:
+            d = math.prod(self.data_shape)
+            self.loss_c = 0.00054 * math.sqrt(d) if self.loss_kind == "pseudo_huber" else 0.001
+        self.edge_solver = IntervalSolver("ddim", schedule)
+
+    @abstractmethod
+    def boundary_time(self) -> float:
+        """The student's boundary ``tau_0``."""
+
+    def boundary(self) -> BoundaryCondition:
+        return BoundaryCondition(self.boundary_time(), self.boundary_scale, self.sigma_data)
+
+    @abstractmethod
+    def grid_at(self, step: int) -> torch.Tensor:
+        """Increasing float64 grid ``tau_0 < ... < tau_N`` in use at training step ``step``."""
+
+    def sampler_options(self) -> dict[str, Any]:
+        """Options of :attr:`sampler` the student needs (recorded with the checkpoint)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description for the checkpoint metadata."""
+        return {
+            "objective": self.name,
+            "paper": self.paper,
+            "loss": self.loss_kind,
+            "loss_c": self.loss_c,
+            "target_ema": self.target_ema,
+        }
+
+    # -- per-batch pieces subclasses may change ---------------------------------------------------
+    def draw_intervals(self, batch: Batch, grid: torch.Tensor) -> torch.Tensor:
+        """(B,) interval indices ``n`` (the pair is ``tau_{n+skip} -> tau_n``); uniform by default."""
+        return randint(batch.gens, len(grid) - self.skip)
+
+    def weights(self, grid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """(B,) loss weights ``lambda_n``; 1 by default."""
+        return torch.ones(n.shape, dtype=torch.float64)
+
+    def edges(self, grid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """(B,) grid index of the point the consistency map of interval ``n`` lands on (0: the
+        boundary)."""
+        return torch.zeros_like(n)
+
+    def draw_extras(self, batch: Batch) -> dict[str, Any]:
+        """Extra per-sample draws (the guidance scale in LCD); passed on to the calls below."""
+        return {}
+
+    def network_cond(self, batch: Batch, extras: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of student and target calls."""
+        return dict(batch.cond)
+
+    @abstractmethod
+    def lower_point(self, models: Models, batch: Batch, x_hi: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor, eps: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        """``x_hat_n`` at ``t_lo`` from ``x_{n+1}`` at ``t_hi`` (no gradient)."""
+
+    # -- shared maths -------------------------------------------------------------------------------
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The forward process ``alpha(t) x0 + sigma(t) eps`` with one time per sample."""
+        la, ls = self.schedule.log_alpha_sigma(t.detach().to("cpu", torch.float64))
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        a = torch.exp(la).to(x0.device, torch.float32).reshape(shape)
+        s = torch.exp(ls).to(x0.device, torch.float32).reshape(shape)
+        return a * x0.float() + s * eps.float()
+
+    def consistency_map(self, model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, t_edge: torch.Tensor, cond: dict[str, Any], at_boundary: torch.Tensor) -> torch.Tensor:
+        """``f(x, t)``: the model's output where the edge is the boundary, else the registry DDIM
+        step from ``t`` to ``t_edge`` with the model's output as data prediction (identity where
+        ``t == t_edge``)."""
+        if bool(at_boundary.all()):
+            return model(x, t.to(x.device), **cond).float()
+        return self.edge_solver(model, x, t, t_edge, cond).float()
+
+    def loss(self, models: Models, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted consistency loss of one micro-batch (a scalar with gradient) and logs."""
+        grid = self.grid_at(batch.step)
+        n = self.draw_intervals(batch, grid)
+        e = self.edges(grid, n)
+        t_hi, t_lo, t_edge = grid[n + self.skip], grid[n], grid[e]
+        eps = randn(batch.gens, batch.x0.shape[1:], device=batch.x0.device)
+        extras = self.draw_extras(batch)
+        cond = self.network_cond(batch, extras)
+        x_hi = self.noised(batch.x0, t_hi, eps)
+        with torch.no_grad():
+            x_lo = self.lower_point(models, batch, x_hi, t_hi, t_lo, eps, extras)
+            target = self.consistency_map(models.target, x_lo, t_lo, t_edge, cond, e == 0)
+        pred = self.consistency_map(models.student, x_hi, t_hi, t_edge, cond, e == 0)
+        w = self.weights(grid, n).to(pred.device, torch.float32)
+        per_sample = consistency_distance(pred, target.detach(), self.loss_kind, float(self.loss_c))
+        loss = (w * per_sample).mean()
+        return loss, {"intervals": float(len(grid) - self.skip)}

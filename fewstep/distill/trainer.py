@@ -1,0 +1,549 @@
+"""One trainer for every consistency objective, on ``accelerate``.
+
+:class:`Distiller` owns the student (a :class:`ConsistencyStudent`), its target network (an EMA
+copy, or the student under stop-gradient), the frozen teacher and the optimizer, and runs
+``objective.loss`` per micro-batch.  What it takes care of, the same for every objective:
+
+* **Processes.**  ``accelerate`` prepares the student (DDP across GPUs and machines; FSDP through
+  an accelerate config, for objectives without an EMA network), the optimizer and the LR schedule.
+  The global batch is split over processes and micro-batches; every sample's random draws come
+  from ``(seed, step, global sample index)`` (:mod:`fewstep.distill.data`), the global torch RNG
+  of rank ``r`` is reseeded from ``(seed, r, step)`` each step, so one process and several give
+  the same run.
+* **Precision.**  ``precision="bf16"``/``"fp16"``: autocast over student, target and teacher
+  calls, fp32 master weights (the optimizer updates fp32 parameters; fp16 uses a gradient
+  scaler), the frozen teacher stored in the autocast dtype.  Gradient accumulation and clipping,
+  gradient checkpointing (``enable_gradient_checkpointing``), attention through PyTorch SDPA by
+  default or xformers when installed and working, optional ``torch.compile`` of the student.
+* **Non-finite guard.**  A non-finite loss on any rank is summed over ranks before the backward
+  pass, so every rank skips the same step (the optimizer is not touched); ``max_nonfinite``
+  consecutive skips stop the run with an explanation.
+* **Checkpoints.**  Atomic, with ``resume="latest"`` and a retention limit
+  (:mod:`fewstep.distill.checkpoint`); a run killed at any moment resumes from its last checkpoint
+  and continues exactly as if it had not stopped.
+* **Result.**  The student in diffusers format plus the JSON naming its sampler
+  (:mod:`fewstep.distill.export`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.distill.checkpoint import CheckpointDir
+from fewstep.distill.data import DataSource, sample_generators
+from fewstep.distill.export import save_student
+from fewstep.distill.objective import Batch, ConsistencyObjective, Models
+from fewstep.distill.student import ConsistencyStudent
+from fewstep.distill.teacher import AdaptersOff
+from fewstep.models.diffusers_models import DiffusersDenoiser
+from fewstep.models.prediction import check_prediction_type
+from fewstep.schedules import NoiseSchedule
+
+__all__ = ["DistillConfig", "Distiller", "DistillResult", "PRECISIONS", "ATTENTION"]
+
+PRECISIONS = ("no", "bf16", "fp16")
+ATTENTION = ("auto", "sdpa", "xformers", "keep")
+
+
+@dataclass
+class DistillConfig:
+    """Training settings (everything but the models, the data and the objective).
+
+    ``batch_size`` is the global batch (all processes and accumulation steps together); it must
+    be divisible by ``processes * grad_accum``."""
+
+    output_dir: str | os.PathLike = "distill-out"
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    precision: str = "no"
+    gradient_checkpointing: bool = False
+    attention: str = "auto"
+    compile: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int | None = 3
+    resume: str | os.PathLike | None = None
+    seed: int = 0
+    max_nonfinite: int = 10
+    log_every: int = 50
+    validate_every: int = 0
+    progress: bool = True
+    cpu: bool = False
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} ('no' is fp32), got {self.precision!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+
+
+@dataclass
+class DistillResult:
+    step: int
+    losses: list[float]
+    student_dir: Path | None
+    skipped_steps: int
+    resumed_from: Path | None
+    attention: str
+    processes: int = 1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Counters:
+    """Trainer counters, saved with every checkpoint."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.skipped = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "skipped": self.skipped}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"the output folder {str(folder)!r} is not writable ({err.strerror or err}); choose another output_dir") from None
+
+
+class Distiller:
+    """Distil (or, for iCT, train) a consistency student.
+
+    Args:
+        objective: a :class:`ConsistencyObjective` (``CD``, ``LCD``, ``MCD``, ``ICT``).
+        data: a :class:`fewstep.distill.data.DataSource` of clean training data.
+        teacher: the teacher denoiser ``D(x, t, **cond)`` (e.g. :class:`fewstep.models.DiffusersDenoiser`
+            or the exact :class:`fewstep.models.MixtureDenoiser`); ``None`` only for iCT.
+        student: ``None`` (a copy of the teacher's network), an ``nn.Module`` network, or a ready
+            :class:`ConsistencyStudent`.  To start from the teacher's weights but predict another
+            quantity (v-prediction conditions one-step students of eps teachers far better at
+            low SNR), pass ``copy.deepcopy(teacher.model)`` with ``prediction_type="v_prediction"``.
+        prediction_type: what the student network predicts; default the teacher's.  Giving one
+            that differs from the teacher's while initialising from the teacher is an error.
+        schedule: the noise schedule; default the teacher's (required for iCT).
+        lora: a ``peft.LoraConfig``: the student is the teacher's own network with these adapters,
+            the teacher the same network with the adapters switched off (needs ``target_ema = 0``).
+        guidance_embedding_dim: for LCD students built from the teacher, the size of the guidance
+            embedding (``time_cond_proj_dim``; LCM: 256).
+        scheduler_config: the teacher's diffusers scheduler config, recorded with the student.
+        validator: ``validator(student, step) -> dict`` of quality numbers, run on the main
+            process every ``config.validate_every`` steps and at the end.
+        callback: ``callback(step, loss)`` after every training step (on every process).
+        config: :class:`DistillConfig`.
+    """
+
+    def __init__(
+        self,
+        objective: ConsistencyObjective,
+        data: DataSource,
+        teacher: Callable[..., torch.Tensor] | None = None,
+        student: torch.nn.Module | ConsistencyStudent | None = None,
+        *,
+        prediction_type: str | None = None,
+        schedule: NoiseSchedule | None = None,
+        lora: Any = None,
+        guidance_embedding_dim: int | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
+        validator: Callable[[ConsistencyStudent, int], dict[str, float]] | None = None,
+        callback: Callable[[int, float], None] | None = None,
+        config: DistillConfig | None = None,
+    ):
+        self.config = config or DistillConfig()
+        self.config.check()
+        if not isinstance(objective, ConsistencyObjective):
+            raise TypeError(f"objective must be a fewstep.distill objective (CD, LCD, MCD, ICT), got {type(objective).__name__}")
+        if not hasattr(data, "sample") or not hasattr(data, "shape"):
+            raise TypeError("data must be a fewstep.distill data source (TensorData, MixtureData or an object with .shape and .sample)")
+        if objective.needs_teacher and teacher is None:
+            raise ValueError(f"the {objective.name} objective distils a teacher: pass teacher=... (a denoiser); only 'ict' trains without one")
+        if lora is not None and objective.target_ema != 0.0:
+            raise ValueError("LoRA distillation uses the student itself as its target: set target_ema=0 on the objective")
+        self.objective = objective
+        self.data = data
+        self.validator = validator
+        self.callback = callback
+        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
+        self.schedule = schedule if schedule is not None else getattr(teacher, "schedule", None)
+        if self.schedule is None:
+            raise ValueError("pass schedule=... (the teacher has no .schedule, or there is no teacher)")
+        if teacher is not None and getattr(teacher, "schedule", self.schedule) is not self.schedule and schedule is not None:
+            if teacher.schedule.config() != schedule.config():
+                raise ValueError("the schedule given differs from the teacher's; the student must use its teacher's noise schedule")
+        self.teacher = teacher
+        self.student = self._build_student(student, prediction_type, lora, guidance_embedding_dim)
+        if getattr(self.objective, "guidance_embedding", False) and not self.student.guidance_embedding_dim:
+            raise ValueError(
+                "LCD with guidance_embedding=True needs a student that takes the guidance scale: a UNet2DConditionModel "
+                "with time_cond_proj_dim set (pass guidance_embedding_dim=256 to build it from the teacher), or use "
+                "LCD(guidance_embedding=False)"
+            )
+        self.out = Path(self.config.output_dir)
+        _check_writable(self.out)
+        self.objective.bind(self.schedule, data.shape, self.config.steps)
+        self.checkpoints = CheckpointDir(self.out / "checkpoints", self.config.keep_checkpoints)
+
+    # -- construction ----------------------------------------------------------------------------
+    def _build_student(self, student: Any, prediction_type: str | None, lora: Any, emb_dim: int | None) -> ConsistencyStudent:
+        teacher_pt = getattr(self.teacher, "prediction_type", None)
+        if isinstance(student, ConsistencyStudent):
+            if prediction_type is not None and prediction_type != student.prediction_type:
+                raise ValueError(f"prediction_type={prediction_type!r} differs from the student's {student.prediction_type!r}")
+            if student.boundary.config() != self.objective_boundary().config():
+                raise ValueError(
+                    f"the student's boundary condition {student.boundary} differs from what the {self.objective.name} objective "
+                    f"trains ({self.objective_boundary()}); build the student with objective.boundary() after bind, or pass the network"
+                )
+            return student
+        if student is None:
+            net = getattr(self.teacher, "model", None)
+            if not isinstance(net, torch.nn.Module) or teacher_pt is None:
+                raise ValueError(
+                    "the student is initialised from the teacher, but the teacher has no network (.model) and prediction type; "
+                    "pass student=<nn.Module> and prediction_type=..."
+                )
+            if prediction_type is not None and check_prediction_type(prediction_type, self.schedule) != teacher_pt:
+                raise ValueError(
+                    f"prediction_type={prediction_type!r} does not match the teacher's network, which predicts {teacher_pt!r}; "
+                    "a student initialised from the teacher predicts what the teacher predicts"
+                )
+            prediction_type = teacher_pt
+            if lora is not None:
+                net = self._add_lora(net, lora)
+            elif emb_dim:
+                net = lcd_student_network(net, emb_dim)
+            else:
+                net = copy.deepcopy(net)
+        else:
+            if not isinstance(student, torch.nn.Module):
+                raise TypeError(f"student must be None, an nn.Module or a ConsistencyStudent, got {type(student).__name__}")
+            if lora is not None:
+                raise ValueError("lora=... adds adapters to the teacher's network: leave student=None")
+            net = student
+            if prediction_type is None:
+                if teacher_pt is None:
+                    raise ValueError("pass prediction_type=... for the student network (the teacher does not say what it predicts)")
+                prediction_type = teacher_pt
+        check_prediction_type(prediction_type, self.schedule)
+        net.train()
+        emb = getattr(getattr(net, "config", None), "time_cond_proj_dim", None) if getattr(self.objective, "guidance_embedding", False) else None
+        return ConsistencyStudent(net, self.schedule, prediction_type, self.objective_boundary(), emb)
+
+    def objective_boundary(self) -> Any:
+        if self.objective.schedule is None:
+            self.objective.bind(self.schedule, self.data.shape, self.config.steps)
+        return self.objective.boundary()
+
+    def _add_lora(self, net: torch.nn.Module, lora: Any) -> torch.nn.Module:
+        if not hasattr(net, "add_adapter"):
+            raise TypeError(f"{type(net).__name__} cannot carry peft adapters (no add_adapter); LoRA needs a diffusers model")
+        net.requires_grad_(False)
+        net.add_adapter(lora)
+        self.teacher = DiffusersDenoiser(AdaptersOff(net), schedule=self.schedule, prediction_type=self.teacher.prediction_type)
+        return net
+
+    # -- GPU knobs ---------------------------------------------------------------------------------
+    def _set_attention(self, net: torch.nn.Module) -> str:
+        """Put every diffusers ``Attention`` block of ``net`` on PyTorch's SDPA kernel, or on
+        xformers' (``auto``: when installed and working); ``keep`` leaves them alone."""
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+        blocks = [m for m in net.modules() if isinstance(m, Attention)]
+        mode = self.config.attention
+        if mode == "keep" or not blocks:
+            return "keep"
+        if mode in ("auto", "xformers"):
+            try:
+                import xformers  # noqa: F401
+
+                net.enable_xformers_memory_efficient_attention()
+                return "xformers"
+            except Exception as err:  # not installed, no CUDA, or an incompatible build
+                if mode == "xformers":
+                    raise ValueError(f"attention='xformers' is not available here ({err}); use attention='sdpa'") from None
+        for m in blocks:
+            m.set_processor(AttnProcessor2_0())
+        return "sdpa"
+
+    # -- the run -------------------------------------------------------------------------------------
+    def train(self) -> DistillResult:
+        """Run (or resume) training; returns the final step, the losses and the student folder."""
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") not in (None, cfg.precision) and not _distributed_env():
+            AcceleratorState._reset_state()  # several trainers with different precisions in one process
+        try:
+            acc = Accelerator(mixed_precision=cfg.precision, cpu=cfg.cpu)
+        except ValueError as err:
+            raise ValueError(f"precision={cfg.precision!r} cannot run here: {err}") from None
+        if cfg.precision != "no" and not acc.native_amp:
+            warnings.warn(f"precision={cfg.precision!r} has no autocast on {acc.device.type} here; training runs in fp32", stacklevel=2)
+        world, rank = acc.num_processes, acc.process_index
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ValueError(
+                f"batch_size={cfg.batch_size} (global) must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}"
+            )
+        local = cfg.batch_size // (world * cfg.grad_accum)
+        device = acc.device
+        student = self.student.to(device)
+        fsdp = str(acc.distributed_type).endswith("FSDP")
+        if fsdp and self.objective.target_ema:
+            raise ValueError("an EMA target network needs full parameters on every rank: use DDP, or target_ema=0 under FSDP")
+        attention = self._set_attention(student.network)
+        if self.teacher is not None and isinstance(getattr(self.teacher, "model", None), torch.nn.Module) and not isinstance(self.teacher.model, AdaptersOff):
+            weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+            self.teacher.model.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
+            self._set_attention(self.teacher.model)
+        if cfg.gradient_checkpointing:
+            if not hasattr(student.network, "enable_gradient_checkpointing"):
+                raise ValueError(f"{type(student.network).__name__} has no enable_gradient_checkpointing(); turn gradient_checkpointing off")
+            student.network.enable_gradient_checkpointing()
+        target = None
+        if self.objective.target_ema > 0:
+            target = copy.deepcopy(student).requires_grad_(False).eval()
+        if cfg.compile:
+            if not hasattr(student.network, "compile"):
+                raise ValueError("compile=True needs torch >= 2.2 (nn.Module.compile)")
+            student.network.compile()
+        params = [p for p in student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the student has no trainable parameters")
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        warm = max(int(cfg.warmup_steps), 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+        model, opt, sched = acc.prepare(student, opt, sched)
+        counters = _Counters()
+        if target is not None:
+            acc.register_for_checkpointing(target)
+        acc.register_for_checkpointing(counters)
+        inner = acc.unwrap_model(model)
+        models = Models(student=model, target=target if target is not None else inner, teacher=self.teacher, extras={"device": device})
+
+        if acc.is_main_process:
+            self.checkpoints.clean_temporary()
+        acc.wait_for_everyone()
+        resumed = self.checkpoints.resolve(cfg.resume)
+        if resumed is not None:
+            acc.load_state(str(resumed))
+        else:
+            self._preflight(models, acc, local)
+        start = counters.step
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {self.objective.name}", disable=not (cfg.progress and acc.is_main_process))
+        losses: list[float] = []
+        history: list[dict[str, Any]] = []
+        consecutive_bad = 0
+        t0 = time.perf_counter()
+        for step in range(start, cfg.steps):
+            torch.manual_seed(_seed_for(cfg.seed, rank, step))
+            skipped = False
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                ids = [(micro * world + rank) * local + i for i in range(local)]
+                gens = sample_generators(cfg.seed, step, ids)
+                x0, cond = self.data.sample(gens, device)
+                batch = Batch(x0, cond, gens, step)
+                with acc.autocast():
+                    loss, _ = self.objective.loss(models, batch)
+                bad = acc.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
+                if float(bad) > 0:
+                    skipped = True
+                    break
+                last = micro == cfg.grad_accum - 1
+                with acc.no_sync(model) if not last else _null():
+                    acc.backward(loss / cfg.grad_accum)
+                step_loss += float(acc.reduce(loss.detach().reshape(1), "mean")) / cfg.grad_accum
+            if not skipped and cfg.grad_clip is not None:
+                norm = acc.clip_grad_norm_(params, cfg.grad_clip)
+                if norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))) and cfg.precision != "fp16":
+                    skipped = True  # identical on every rank: the gradients are already averaged
+            if skipped:
+                opt.zero_grad(set_to_none=True)
+                counters.skipped += 1
+                consecutive_bad += 1
+                if consecutive_bad > cfg.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step}). Common causes: "
+                        "a learning rate too high, fp16 overflow (try precision='bf16'), or NaN in the data or the teacher."
+                    )
+            else:
+                consecutive_bad = 0
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if target is not None:
+                    _ema_update(target, inner, self.objective.target_ema)
+            counters.step = step + 1
+            losses.append(step_loss if not skipped else math.nan)
+            bar.update(1)
+            if self.callback is not None:
+                self.callback(step + 1, losses[-1])
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                recent = [v for v in losses[-cfg.log_every :] if math.isfinite(v)]
+                row = {"step": step + 1, "loss": float(np.mean(recent)) if recent else math.nan, "lr": sched.get_last_lr()[0],
+                       "skipped": counters.skipped, "seconds": time.perf_counter() - t0}
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+                if acc.is_main_process:
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            if cfg.validate_every and self.validator is not None and (step + 1) % cfg.validate_every == 0 and step + 1 < cfg.steps:
+                if acc.is_main_process:
+                    self._validate(inner, step + 1, history, bar)
+                acc.wait_for_everyone()
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                self._checkpoint(acc, step + 1)
+        bar.close()
+        student_dir = self._finish(acc, model, inner, history)
+        return DistillResult(counters.step, losses, student_dir, counters.skipped, resumed, attention, world, history)
+
+    def _preflight(self, models: Models, acc: Any, local: int) -> None:
+        """One loss evaluation without gradient on real data, so a student that cannot take the
+        data, a teacher of the wrong shape or missing conditioning fail before any step."""
+        # A stream no step uses; the full micro-batch, so a compiled student sees training shapes.
+        gens = sample_generators(self.config.seed, 2**62, range(local))
+        x0, cond = self.data.sample(gens, acc.device)
+        try:
+            with torch.no_grad(), acc.autocast():
+                self.objective.loss(models, Batch(x0, cond, gens, 0))
+        except RuntimeError as err:
+            raise ValueError(
+                f"the student or the teacher cannot process data of shape {tuple(x0.shape[1:])} "
+                f"({type(self.student.network).__name__}): {str(err).splitlines()[0]}"
+            ) from None
+
+    def _validate(self, inner: ConsistencyStudent, step: int, history: list[dict[str, Any]], bar: Any) -> None:
+        """Run the validator on the main process (callers hold the other ranks at a barrier)."""
+        was = inner.training
+        inner.eval()
+        with torch.no_grad():
+            scores = self.validator(inner, step)
+        inner.train(was)
+        row = {"step": step, "validation": scores}
+        history.append(row)
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _checkpoint(self, acc: Any, step: int) -> None:
+        tmp = self.checkpoints.temporary(step)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.checkpoints.commit(step)
+        acc.wait_for_everyone()
+
+    def _finish(self, acc: Any, model: Any, inner: ConsistencyStudent, history: list[dict[str, Any]]) -> Path | None:
+        state = acc.get_state_dict(model)  # gathered under FSDP; every rank takes part
+        folder = self.out / "student"
+        if acc.is_main_process:
+            final = inner
+            if str(acc.distributed_type).endswith("FSDP"):
+                final = copy.deepcopy(self.student).cpu()
+                final.load_state_dict(state)
+            if self.validator is not None:
+                self._validate(final, self.config.steps, history, _Printer())
+            description = {
+                **self.objective.describe(),
+                "sampler": self.objective.sampler,
+                "sampler_options": self.objective.sampler_options(),
+                "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+            }
+            description["training"]["output_dir"] = str(self.config.output_dir)
+            description["training"]["resume"] = str(self.config.resume) if self.config.resume is not None else None
+            save_student(folder, _merged(final), description, self.scheduler_config)
+        acc.wait_for_everyone()
+        return folder
+
+
+def _merged(student: ConsistencyStudent) -> ConsistencyStudent:
+    """The student with its LoRA adapters fused into the weights and removed (a plain diffusers
+    network to save); students without adapters are returned as they are."""
+    if not getattr(student.network, "peft_config", None):
+        return student
+    net = copy.deepcopy(student.network)
+    net.fuse_lora()
+    net.unload_lora()
+    return ConsistencyStudent(net, student.schedule, student.prediction_type, student.boundary, student.guidance_embedding_dim)
+
+
+class _Printer:
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float) -> None:
+    """``theta^- <- mu theta^- + (1 - mu) theta`` (stop-gradient; Song et al. 2023, Algorithm 2)."""
+    with torch.no_grad():
+        for pt, ps in zip(target.parameters(), online.parameters()):
+            pt.lerp_(ps.detach().to(pt.dtype), 1.0 - mu)
+
+
+def _distributed_env() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def lcd_student_network(teacher_network: torch.nn.Module, embedding_dim: int = 256) -> torch.nn.Module:
+    """LCD's student: the teacher's ``UNet2DConditionModel`` with a guidance-embedding input
+    (``time_cond_proj_dim = embedding_dim``) and the teacher's weights; the new projection is zero,
+    so the student starts as its teacher (LCM initialises it at random)."""
+    cfg = getattr(teacher_network, "config", None)
+    if cfg is None or "time_cond_proj_dim" not in cfg:
+        raise TypeError(
+            f"{type(teacher_network).__name__} takes no guidance embedding (no time_cond_proj_dim in its config); "
+            "LCD with a guidance embedding needs a diffusers UNet2DConditionModel"
+        )
+    student = type(teacher_network).from_config(dict(cfg), time_cond_proj_dim=int(embedding_dim))
+    missing, unexpected = student.load_state_dict(teacher_network.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise ValueError(f"could not copy the teacher's weights into the LCD student (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.zero_()
+    return student.to(next(teacher_network.parameters()).device)

@@ -1,0 +1,97 @@
+"""Few-step quality of a student during and after training.
+
+A :class:`QualityProbe` holds fixed noise and the references computed once: the teacher's ODE map
+from that noise (the exact map on a Gaussian mixture, or the teacher itself at high NFE) and,
+optionally, features of real data for a Fréchet distance (FID on digit features for the embedded
+digits model, the Fréchet distance in data space on the exact mixture).  Evaluating a student at
+1, 2 and 4 steps with its registry sampler gives, per NFE,
+
+* ``rmse``: root-mean-square distance to the teacher's ODE map from the same noise;
+* ``fd``: Fréchet distance of the samples' features to the reference features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import fewstep
+from fewstep.eval.frechet import frechet_distance_from_features
+from fewstep.schedules import NoiseSchedule
+
+__all__ = ["QualityProbe", "sample_consistency"]
+
+
+def sample_consistency(student: Callable[..., torch.Tensor], noise: torch.Tensor, sampler: str, nfe: int, schedule: NoiseSchedule, options: Mapping[str, Any] | None = None, cond: Mapping[str, Any] | None = None, seed: int = 0) -> torch.Tensor:
+    """``fewstep.sample`` of a consistency student with its registry sampler (stochastic samplers
+    draw from one generator per sample, seeded from ``seed`` and the sample index)."""
+    opts = dict(options or {})
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(noise.shape[0])]
+    with torch.no_grad():
+        return fewstep.sample(student, noise, sampler, nfe, schedule=schedule, cond=cond, generator=gens, **opts)
+
+
+@dataclass
+class QualityProbe:
+    """Fixed noise and references for comparing students and teachers.
+
+    Args:
+        noise: (N, ...) standard normal noise.
+        schedule: the teacher's schedule.
+        reference: (N, ...) the teacher's ODE map from ``noise`` (``None``: no RMSE).
+        features: ``features(samples) -> (N, F)`` for the Fréchet distance (``None``: flatten).
+        reference_features: (M, F) features of real data (``None``: no Fréchet distance).
+        cond: conditioning for every call (e.g. a guidance scale).
+    """
+
+    noise: torch.Tensor
+    schedule: NoiseSchedule
+    reference: torch.Tensor | None = None
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None
+    reference_features: torch.Tensor | None = None
+    cond: Mapping[str, Any] | None = None
+
+    def score(self, samples: torch.Tensor) -> dict[str, float]:
+        out: dict[str, float] = {}
+        x = samples.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            return {"rmse": math.inf, "fd": math.inf}
+        if self.reference is not None:
+            out["rmse"] = float(torch.sqrt(torch.mean((x - self.reference.to(torch.float64)) ** 2)))
+        if self.reference_features is not None:
+            f = self.features(samples.detach().float()) if self.features is not None else x.flatten(1)
+            out["fd"] = frechet_distance_from_features(f.to(torch.float64), self.reference_features.to(torch.float64))
+        return out
+
+    def student(self, student: Callable[..., torch.Tensor], sampler: str, nfes: Sequence[int] = (1, 2, 4), options: Mapping[str, Any] | None = None) -> dict[int, dict[str, float]]:
+        """Scores of a consistency student at each NFE with its sampler."""
+        dev = _device_of(student)
+        noise = self.noise.to(dev, torch.float32)
+        return {k: self.score(sample_consistency(student, noise, sampler, k, self.schedule, options, self.cond)) for k in nfes}
+
+    def teacher(self, teacher: Callable[..., torch.Tensor], sampler: str = "dpmpp_2m", nfes: Sequence[int] = (10, 50)) -> dict[int, dict[str, float]]:
+        """Scores of the teacher at each NFE with a diffusion sampler."""
+        dev = _device_of(teacher)
+        noise = self.noise.to(dev, torch.float32)
+        with torch.no_grad():
+            return {k: self.score(fewstep.sample(teacher, noise, sampler, k, schedule=self.schedule, cond=self.cond)) for k in nfes}
+
+    def flat(self, scores: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+        """``{"rmse@1": ..., "fd@1": ...}`` for logs."""
+        return {f"{m}@{k}": v for k, row in scores.items() for m, v in row.items()}
+
+
+def _device_of(model: Any) -> torch.device:
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    inner = getattr(model, "model", None)
+    if isinstance(inner, torch.nn.Module):
+        for p in inner.parameters():
+            return p.device
+    return torch.device("cpu")

@@ -1,0 +1,412 @@
+"""Feature extractors for Fréchet distance and KID: images in, one feature vector per image out.
+
+A *feature extractor* is any callable ``extractor(images) -> features`` with a string attribute
+``name`` (the cache key of reference statistics: two extractors with the same name must give the
+same features).  ``images`` are float tensors ``(N, C, H, W)`` in ``[-1, 1]`` (fewstep's and
+diffusers' convention); features are float32 ``(N, F)`` on the CPU.  Three kinds ship:
+
+* :class:`DigitsFeatures`: the penultimate layer (64 units) of a small CNN classifier trained on the
+  train split of scikit-learn's 8x8 digits (``scripts/train_digits_features.py``), weights shipped
+  in ``fewstep/eval/data/digits_features.safetensors``.  The default for the embedded digits model.
+* :class:`InceptionFeatures`: the 2048-d pool features of the TF-Inception network that FID is
+  defined with, through clean-fid's TorchScript port ``inception-2015-12-05.pt``, in clean-fid's
+  ``clean`` mode (PIL bicubic resize to 299x299 outside the network; Parmar et al. 2022, "On
+  Aliased Resizing and Surprising Subtleties in GAN Evaluation") or its ``legacy_tensorflow`` mode
+  (the network's own TensorFlow-style resize: the numbers most papers report).  The weights are
+  never downloaded: without the file the constructor raises :class:`InceptionWeightsMissing`,
+  naming the file and where to put it.
+* :class:`CallableFeatures`: any user callable.
+
+:func:`get_extractor` resolves the names used on the command line (``digits``, ``inception``,
+``inception-tf``, ``module:attribute``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.resources
+import os
+import platform
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewstep._util import close_matches
+
+__all__ = [
+    "FeatureExtractor",
+    "DigitsFeatureNet",
+    "DigitsFeatures",
+    "digits_features",
+    "InceptionFeatures",
+    "InceptionWeightsMissing",
+    "CallableFeatures",
+    "get_extractor",
+    "to_uint8",
+    "INCEPTION_FILE",
+    "INCEPTION_URL",
+    "INCEPTION_ENV",
+    "EXTRACTOR_NAMES",
+]
+
+#: The TorchScript port of TF-Inception that clean-fid (and StyleGAN2-ADA's metrics) use.
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+#: Environment variable naming a local copy (the file itself, or a folder holding it).
+INCEPTION_ENV = "FEWSTEP_INCEPTION_PATH"
+_DIGITS_WEIGHTS = "digits_features.safetensors"
+INCEPTION_MODES = ("clean", "legacy_tensorflow")
+EXTRACTOR_NAMES = ("digits", "inception", "inception-clean", "inception-tf", "inception-legacy-tensorflow")
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """``extractor(images (N, C, H, W) in [-1, 1]) -> (N, F) float32`` with a cache key ``name``."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_images(images: Any, who: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{who} takes a torch.Tensor of images (N, C, H, W) in [-1, 1], got {type(images).__name__}")
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(
+            f"{who} takes float images of shape (N, C, H, W) in [-1, 1], got {images.dtype} of shape {tuple(images.shape)}"
+        )
+    return images
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in ``[-1, 1]`` to uint8 ``[0, 255]`` exactly as saving them would (diffusers'
+    ``numpy_to_pil``: ``round(255 * clamp((x + 1) / 2, 0, 1))``), so features of generated tensors
+    equal features of the same images read back from PNG files."""
+    x = (images.detach().to(torch.float32) / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits features
+# ---------------------------------------------------------------------------------------------
+
+
+class DigitsFeatureNet(nn.Module):
+    """A small CNN for 8x8 grey digits: ``conv3x3(32) - conv3x3(64) - maxpool - conv3x3(64) -
+    maxpool - linear(64)`` (the feature layer, after ReLU) ``- linear(10)`` (class logits)."""
+
+    def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * 4, feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _package_file(subpackage: str, relative: str) -> Path:
+    try:
+        return Path(str(importlib.resources.files(subpackage).joinpath(relative)))
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - unusual importers
+        return Path(__file__).resolve().parent / relative
+
+
+def _sha256(path: Path, length: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+class DigitsFeatures:
+    """Features of the shipped digits classifier: ``(N, 1, 8, 8)`` in ``[-1, 1]`` to ``(N, 64)``.
+
+    Pixels are clamped to ``[-1, 1]`` first (the image range; what saving the image would do).
+    Features are multiplied by the ``feature_scale`` stored with the weights, which makes the
+    train split's mean squared feature 1 (the scale KID's kernel ``(x.y/d + 1)^3`` expects).
+    ``weights`` defaults to the file shipped in the package."""
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: torch.device | str | None = None):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(weights) if weights is not None else _package_file("fewstep.eval", f"data/{_DIGITS_WEIGHTS}")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the digits feature network {path} is missing; reinstall fewstep or regenerate it with "
+                "`python scripts/train_digits_features.py`"
+            )
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        self.net = DigitsFeatureNet(int(meta.get("width", 32)), int(meta.get("feature_dim", 64)))
+        self.net.load_state_dict(load_file(str(path)), strict=True)
+        self.net.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.metadata = meta
+        self.dim = int(meta.get("feature_dim", 64))
+        self.scale = float(meta.get("feature_scale", 1.0))
+        self.name = f"digits-cnn-{_sha256(path)}"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _check_images(images, "DigitsFeatures")
+        if tuple(x.shape[1:]) != (1, 8, 8):
+            raise ValueError(
+                f"DigitsFeatures takes 8x8 grey images (N, 1, 8, 8), got shape {tuple(x.shape)}; "
+                "use InceptionFeatures or your own extractor for other images"
+            )
+        with torch.no_grad():
+            f = self.net.features(x.to(self.device, torch.float32).clamp(-1, 1)) * self.scale
+        return f.cpu()
+
+    def __repr__(self) -> str:
+        return f"DigitsFeatures(name={self.name!r}, dim={self.dim})"
+
+
+def digits_features(device: torch.device | str | None = None) -> DigitsFeatures:
+    """The shipped digits feature extractor (``(N, 1, 8, 8)`` in ``[-1, 1]`` to ``(N, 64)``)."""
+    return DigitsFeatures(device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception through clean-fid
+# ---------------------------------------------------------------------------------------------
+
+
+class InceptionWeightsMissing(FileNotFoundError):
+    """The Inception TorchScript file is not on this machine (fewstep never downloads it)."""
+
+
+def cleanfid_inception_location() -> Path:
+    """Where clean-fid itself keeps (and would download) ``inception-2015-12-05.pt``."""
+    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+
+
+def find_inception(path: str | os.PathLike | None = None) -> Path:
+    """The Inception file to use: ``path`` (a file, or a folder holding ``inception-2015-12-05.pt``),
+    else ``$FEWSTEP_INCEPTION_PATH``, else clean-fid's own location.  Never downloads; raises
+    :class:`InceptionWeightsMissing` saying which file to put where."""
+    tried: list[str] = []
+    candidates: list[tuple[str, str]] = []
+    if path is not None:
+        candidates.append(("argument", str(path)))
+    elif os.environ.get(INCEPTION_ENV):
+        candidates.append((f"${INCEPTION_ENV}", os.environ[INCEPTION_ENV]))
+    else:
+        candidates.append(("clean-fid's location", str(cleanfid_inception_location())))
+    for origin, c in candidates:
+        p = Path(c).expanduser()
+        if p.is_dir():
+            p = p / INCEPTION_FILE
+        if p.is_file():
+            return p
+        tried.append(f"{p} ({origin})")
+    raise InceptionWeightsMissing(
+        f"Inception weights not found: looked for {'; '.join(tried)}. fewstep never downloads them. "
+        f"Copy {INCEPTION_FILE} (from {INCEPTION_URL}, about 95 MB) to {cleanfid_inception_location()} "
+        f"(where clean-fid looks), or point {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} (or "
+        "`--inception-path` / InceptionFeatures(path=...)) at a local copy. "
+        "Without it, use the digits extractor or your own (extractor='module:callable')."
+    )
+
+
+class InceptionFeatures:
+    """2048-d TF-Inception pool features through clean-fid's TorchScript port, from a local file.
+
+    Args:
+        mode: ``"clean"`` (clean-fid's default: PIL bicubic resize of each channel to 299x299 in
+            float, then the network's layers on ``(x - 128) / 128``) or ``"legacy_tensorflow"``
+            (the network's own TensorFlow-compatible resize: the FID most papers report).
+        path: the file (or a folder holding it); default ``$FEWSTEP_INCEPTION_PATH``, then
+            clean-fid's location (:func:`cleanfid_inception_location`).
+        device, batch_size: where and in what batches the network runs.
+        workers: threads for clean mode's PIL resizing (PIL releases the GIL while resizing);
+            default ``min(8, os.cpu_count())``.
+
+    Images are quantised to uint8 as saving would (:func:`to_uint8`) and grey images are repeated
+    to RGB (PIL's ``convert("RGB")``), so a tensor and the same images in a folder give the same
+    features, equal to clean-fid's ``get_folder_features`` on that folder.
+    """
+
+    dim = 2048
+
+    def __init__(
+        self,
+        mode: str = "clean",
+        path: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 64,
+        workers: int | None = None,
+    ):
+        if mode not in INCEPTION_MODES:
+            raise ValueError(f"unknown Inception mode {mode!r}{close_matches(mode, INCEPTION_MODES)}; use 'clean' or 'legacy_tensorflow'")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.mode = mode
+        self.path = find_inception(path)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.batch_size = int(batch_size)
+        self.workers = int(workers) if workers is not None else min(8, os.cpu_count() or 1)
+        try:
+            with warnings.catch_warnings():  # torch deprecates TorchScript; the file format is what it is
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+        except Exception as err:  # a truncated download, or not TorchScript at all
+            raise ValueError(
+                f"{self.path} is not a loadable TorchScript Inception file ({type(err).__name__}: {err}); "
+                f"replace it with a complete copy of {INCEPTION_URL}"
+            ) from None
+        if not hasattr(self.net, "layers"):
+            raise ValueError(f"{self.path} has no `layers` submodule: it is not clean-fid's {INCEPTION_FILE}")
+        self.name = f"inception-{mode}-{_sha256(self.path)}"
+        self._resize = None
+        if mode == "clean":
+            from cleanfid.resize import build_resizer
+
+            self._resize = build_resizer("clean")
+
+    def _prepare(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) to the float32 batch clean-fid feeds its network."""
+        if self._resize is None:  # legacy_tensorflow: the network resizes
+            return u8.to(torch.float32)
+        hwc = list(u8.permute(0, 2, 3, 1).numpy())
+        if self.workers > 1 and len(hwc) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.workers) as pool:
+                resized = list(pool.map(self._resize, hwc))
+        else:
+            resized = [self._resize(img) for img in hwc]
+        out = np.stack(resized)  # (B, 299, 299, 3) float32 in [0, 255]
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _check_images(images, "InceptionFeatures")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[1] != 3:
+            raise ValueError(f"InceptionFeatures takes grey or RGB images (C = 1 or 3), got C = {x.shape[1]}")
+        u8 = to_uint8(x.cpu())
+        feats = []
+        with torch.no_grad():
+            for i in range(0, u8.shape[0], self.batch_size):
+                b = self._prepare(u8[i : i + self.batch_size]).to(self.device)
+                if self.mode == "clean":
+                    f = self.net.layers.forward((b - 128) / 128)
+                else:
+                    f = self.net(b, return_features=True)
+                feats.append(f.reshape(b.shape[0], self.dim).float().cpu())
+        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
+
+    def __repr__(self) -> str:
+        return f"InceptionFeatures(mode={self.mode!r}, path='{self.path}')"
+
+
+# ---------------------------------------------------------------------------------------------
+# User callables and name resolution
+# ---------------------------------------------------------------------------------------------
+
+
+class CallableFeatures:
+    """Any callable ``fn(images) -> (N, F)`` (tensor or array) as a feature extractor.
+
+    ``name`` is the cache key; it defaults to the callable's module and qualified name, so change
+    it when the callable's behaviour changes (new weights), or cached statistics go stale."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"a feature extractor must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        if name is None:
+            name = getattr(fn, "name", None) or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+        self.name = str(name)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.fn(images)
+        f = torch.as_tensor(np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out), dtype=torch.float32)
+        if f.ndim != 2 or f.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"feature extractor {self.name!r} returned shape {tuple(f.shape)} for {images.shape[0]} images; "
+                "it must return one feature vector per image, shape (N, F)"
+            )
+        return f
+
+    def __repr__(self) -> str:
+        return f"CallableFeatures(name={self.name!r})"
+
+
+def import_object(spec: str) -> Any:
+    """``"package.module:attribute"`` (attribute may be dotted) to the object it names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:attribute', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} from {spec!r}: {err}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module_name!r} has no attribute {attr!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def get_extractor(
+    extractor: str | FeatureExtractor | Callable[[torch.Tensor], Any] = "digits",
+    *,
+    inception_path: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+) -> FeatureExtractor:
+    """A feature extractor from a name or an object.
+
+    ``"digits"``: :class:`DigitsFeatures`; ``"inception"`` / ``"inception-clean"``: Inception in
+    clean-fid's clean mode; ``"inception-tf"`` / ``"inception-legacy-tensorflow"``: its
+    legacy_tensorflow mode; ``"module:attribute"``: an object imported from Python (a class is
+    instantiated without arguments); an object with ``name`` is used as it is; any other callable
+    is wrapped in :class:`CallableFeatures`."""
+    if isinstance(extractor, str):
+        key = extractor.strip().lower()
+        if key == "digits":
+            return DigitsFeatures(device=device)
+        if key in ("inception", "inception-clean"):
+            return InceptionFeatures("clean", inception_path, device)
+        if key in ("inception-tf", "inception-legacy-tensorflow", "inception-legacy_tensorflow"):
+            return InceptionFeatures("legacy_tensorflow", inception_path, device)
+        if ":" in extractor:
+            obj = import_object(extractor.strip())
+            if isinstance(obj, type):
+                obj = obj()
+            if isinstance(obj, FeatureExtractor):
+                return obj
+            return CallableFeatures(obj, name=extractor.strip())
+        raise ValueError(
+            f"unknown feature extractor {extractor!r}{close_matches(key, EXTRACTOR_NAMES)}; use one of "
+            f"{', '.join(EXTRACTOR_NAMES)}, or 'module:callable' for your own"
+        )
+    if isinstance(extractor, FeatureExtractor):
+        return extractor
+    if callable(extractor):
+        return CallableFeatures(extractor)
+    raise TypeError(f"extractor must be a name, a feature extractor or a callable, got {type(extractor).__name__}")

@@ -1,0 +1,90 @@
+"""The distillation examples and `fewstep distill` run end to end on tiny local models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_THREADS = {"OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd):
+    import os
+
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV_THREADS})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def _tiny_pipeline(folder: Path) -> None:
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+
+
+def test_distill_a_saved_diffusers_pipeline(tmp_path):
+    _tiny_pipeline(tmp_path / "pipe")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(images / f"{i}.png")
+    out = _run([sys.executable, str(ROOT / "examples/distill_diffusers_checkpoint.py"), str(tmp_path / "pipe"), "--data", str(images),
+                "--steps", "2", "--batch-size", "4", "--teacher-sampler", "ddim", "--num-intervals", "4", "--cpu",
+                "--out", str(tmp_path / "run")])
+    assert "student (cm_multistep) saved" in out
+    assert (tmp_path / "run" / "student" / "unet" / "config.json").is_file()
+
+
+def test_lcd_example_runs(tmp_path):
+    out = _run([sys.executable, str(ROOT / "examples/lcd_unet2dcondition.py"), "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "lcd")])
+    assert "lcm, 4 step(s)" in out and "guidance embedding: 64" in out
+
+
+def test_fewstep_distill_cli_on_a_teacher_folder(tmp_path, capsys):
+    """`fewstep distill --teacher FOLDER --data FILE`: trains, prints the quality table (student at
+    1/2/4 steps, teacher at 10/50 NFE) and writes quality.json next to the student."""
+    from fewstep.cli import main
+
+    _tiny_pipeline(tmp_path / "pipe")
+    torch.save(torch.rand(16, 1, 8, 8) * 2 - 1, tmp_path / "data.pt")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["distill", "--teacher", str(tmp_path / "pipe"), "--data", str(tmp_path / "data.pt"), "--objective", "mcd",
+                     "--num-intervals", "4", "--segments", "2", "--steps", "2", "--batch-size", "4", "--probe-samples", "8",
+                     "--out", str(tmp_path / "run"), "--quiet"])
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = json.loads((tmp_path / "run" / "quality.json").read_text())
+    assert [(r["model"].split(" ")[0], r["nfe"]) for r in rows] == [("student", 1), ("student", 2), ("student", 4), ("teacher", 10), ("teacher", 50)]
+    assert "RMSE to teacher ODE map" in out.out and "student (mcd, mcd)" in out.out
+    assert main(["distill", "--teacher", str(tmp_path / "pipe")]) == 2 and "--data" in capsys.readouterr().err
+
+
+def test_fewstep_distill_default_is_the_embedded_digits_teacher(tmp_path, capsys):
+    """No model arguments: the embedded digits UNet, FID on digit features (here 2 steps and 16
+    probe samples; the full default run is recorded in benchmarks/RESULTS.md)."""
+    from fewstep.cli import main
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["distill", "--steps", "2", "--probe-samples", "16", "--validate-every", "0", "--out", str(tmp_path / "d"), "--quiet"])
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    assert code == 0 and "FID (digit features)" in out and "teacher (dpmpp_2m)" in out
+    meta = json.loads((tmp_path / "d" / "student" / "fewstep_student.json").read_text())
+    assert meta["objective"] == "cd" and meta["sampler"] == "cm_multistep"

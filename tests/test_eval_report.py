@@ -1,0 +1,65 @@
+"""`fewstep report` with the FID study: files, tables, floor, resume, model and extractor options."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fewstep.cli import main
+from fewstep.eval import features as F
+
+
+def test_report_with_fid_and_exact_parts(tmp_path):
+    out = tmp_path / "rep"
+    args = ["report", "--out", str(out), "--samplers", "ddim,dpmpp_2m", "--nfe", "2,8", "--num-samples", "96", "--quiet"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out / "fid_per_nfe.csv")))
+    assert [(r["sampler"], int(r["nfe"])) for r in rows] == [("ddim", 2), ("ddim", 8), ("dpmpp_2m", 2), ("dpmpp_2m", 8)]
+    fid = {(r["sampler"], int(r["nfe"])): float(r["fid"]) for r in rows}
+    for s in ("ddim", "dpmpp_2m"):
+        assert fid[(s, 8)] < fid[(s, 2)]
+    meta = json.loads((out / "fid_per_nfe.json").read_text())["meta"]
+    floor = meta["floor"]
+    assert meta["num_samples"] == 96 and meta["reference"]["source"] == "digits-test-n359"
+    assert floor["n"] == 96 and floor["n_all"] == 1438 and 0 < floor["fid_all"] < floor["fid"]
+    assert min(fid.values()) > floor["fid_all"]  # nothing beats the whole real train split
+    md = (out / "report.md").read_text()
+    assert "## FID per NFE" in md and "## Exact Gaussian mixture" in md and "Sampling floor" in md
+    for name in ("fid_vs_nfe.png", "samples_ddim.png", "samples_dpmpp_2m.png", "exact_mixture.png"):
+        assert (out / name).stat().st_size > 5_000 and name in md
+    assert len(list(csv.DictReader(open(out / "exact_mixture.csv")))) == 4
+    # Run again: everything comes from the run folder, the table is the same.
+    assert main(args + ["--no-exact"]) == 0
+    again = json.loads((out / "fid_per_nfe.json").read_text())
+    assert again["meta"]["generated"] == 0
+    assert [r["fid"] for r in again["rows"]] == [float(r["fid"]) for r in rows]
+
+
+def test_report_on_a_saved_pipeline_and_a_python_denoiser(tmp_path):
+    from fewstep.models.embedded import digits_pipeline
+
+    digits_pipeline().save_pretrained(tmp_path / "pipe")
+    common = ["--samplers", "dpmpp_2m", "--nfe", "3", "--num-samples", "32", "--quiet", "--no-exact"]
+    assert main(["report", "--out", str(tmp_path / "a"), "--model", str(tmp_path / "pipe"), "--reference", "digits:test", *common]) == 0
+    assert main(["report", "--out", str(tmp_path / "b"), "--model", "embedded", *common]) == 0
+    a = json.loads((tmp_path / "a/fid_per_nfe.json").read_text())
+    b = json.loads((tmp_path / "b/fid_per_nfe.json").read_text())
+    assert a["rows"][0]["fid"] == pytest.approx(b["rows"][0]["fid"], rel=1e-6)  # the same network, loaded two ways
+    assert "diffusers pipeline" in a["meta"]["model"]
+    assert main(["report", "--out", str(tmp_path / "c"), "--model", "fid_worker:mixture_denoiser", "--reference",
+                 "digits:test", *common]) == 0
+    c = json.loads((tmp_path / "c/fid_per_nfe.json").read_text())
+    assert c["meta"]["model_id"] == "callable-fid_worker:mixture_denoiser" and c["rows"][0]["fid"] > 0
+
+
+def test_report_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv(F.INCEPTION_ENV, str(tmp_path / "nowhere"))
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "report", "--extractor", "inception", "--out", str(tmp_path / "r"),
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and F.INCEPTION_FILE in r.stderr and F.INCEPTION_ENV in r.stderr
+    assert main(["report", "--model", str(tmp_path), "--quiet", "--no-exact", "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", "--model", "fid_worker:mixture_denoiser", "--quiet", "--no-exact", "--out", str(tmp_path / "r")]) == 2
