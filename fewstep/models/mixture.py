@@ -307,7 +307,8 @@ class GaussianMixture:
         return p
 
     def _flatten(self, x: ArrayLike, name: str = "x") -> tuple[torch.Tensor, tuple[int, ...]]:
-        """(B, D) float64 view of ``x`` (on its compute device) and ``x``'s shape."""
+        """(B, D) float64 view of ``x`` (on its compute device) and ``x``'s shape.  Not detached:
+        :meth:`posterior_mean` is differentiable in ``x`` (sampling plans are tuned through it)."""
         if not isinstance(x, torch.Tensor):
             x = _to_float64(x, name)
         if not (x.is_floating_point()):
@@ -319,7 +320,7 @@ class GaussianMixture:
                 f"(the mixture's dimension), got shape {shape}"
             )
         dev = _compute_device(x.device)
-        return x.detach().to(device=dev, dtype=torch.float64).reshape(shape[0], self.dim), shape
+        return x.to(device=dev, dtype=torch.float64).reshape(shape[0], self.dim), shape
 
     @staticmethod
     def _coef(value: Scalar, batch: int, device: torch.device, name: str) -> torch.Tensor:
@@ -555,7 +556,7 @@ class GaussianMixture:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a fewstep.schedules.NoiseSchedule, got {type(schedule).__name__}")
         xf, shape = self._flatten(x)
-        xf = xf.cpu()
+        xf = xf.detach().cpu()
         t_from, t_to = float(t_from), float(t_to)
         schedule.check_time(t_from, "t_from")
         schedule.check_time(t_to, "t_to")

@@ -3,8 +3,9 @@
 Importing this package registers the built-in families (one module each)."""
 
 from fewstep.samplers import ddim, deis, dpm_solver  # noqa: F401  (registration)
-from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, time_shift, unipc  # noqa: F401  (registration)
+from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, plan, time_shift, unipc  # noqa: F401  (registration)
 from fewstep.samplers.core import NonFiniteError, Program, SampleInfo, UnguidedWarning, prepare, sample
+from fewstep.samplers.plan import SamplingPlan
 from fewstep.samplers.registry import SamplerSpec, available, spec
 
-__all__ = ["available", "spec", "sample", "prepare", "Program", "SamplerSpec", "SampleInfo", "NonFiniteError", "UnguidedWarning"]
+__all__ = ["available", "spec", "sample", "prepare", "Program", "SamplerSpec", "SampleInfo", "NonFiniteError", "UnguidedWarning", "SamplingPlan"]

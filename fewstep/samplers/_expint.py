@@ -233,18 +233,47 @@ def lagrange_weights(nodes: Sequence[float], x: float) -> list[float]:
 
 
 def multistep_orders(
-    num_steps: int, order: int, lower_order_final: bool, last_step_to_data: bool, below: float = 15
+    num_steps: int,
+    order: int,
+    lower_order_final: bool,
+    last_step_to_data: bool,
+    below: float = 15,
+    requested: Sequence[int] | None = None,
 ) -> list[int]:
     """Per-step orders of a multistep solver: warm-up ``min(order, i + 1)``; with
     ``lower_order_final`` and fewer than ``below`` steps (15: diffusers' DPM-Solver rule, for
     stability at few steps; ``inf``: UniPC's rule, always) the orders ramp down at the end,
     ``min(order, num_steps - i)``; a step onto clean data (``lambda = inf``) is first order, as no
-    polynomial in ``lambda`` extends there."""
+    polynomial in ``lambda`` extends there.
+
+    ``requested`` (the samplers' ``orders`` option) sets every step's order instead, as the
+    unified sampling framework's per-step solver choice (Liu et al. 2024, "A Unified Sampling
+    Framework for Solver Searching of Diffusion Probabilistic Models", sec. 4): it is checked
+    against the same limits (history available, at most ``order``, first order onto clean data)."""
+    if requested is not None:
+        return _checked_orders(requested, num_steps, order, last_step_to_data)
     orders = [min(order, i + 1) for i in range(num_steps)]
     if lower_order_final and num_steps < below:
         orders = [min(o, num_steps - i) for i, o in enumerate(orders)]
     if last_step_to_data:
         orders[-1] = 1
+    return orders
+
+
+def _checked_orders(requested: Sequence[int], num_steps: int, order: int, last_step_to_data: bool) -> list[int]:
+    if isinstance(requested, (str, bytes)) or not isinstance(requested, Sequence):
+        raise TypeError(f"orders must be a list of {num_steps} per-step orders, got {type(requested).__name__}")
+    orders = [int(o) for o in requested]
+    if len(orders) != num_steps:
+        raise ValueError(f"orders lists {len(orders)} per-step orders for {num_steps} steps; give one per step")
+    for i, o in enumerate(orders):
+        if not 1 <= o <= min(order, i + 1):
+            raise ValueError(
+                f"orders[{i}] = {o}: step {i} can use order 1 to {min(order, i + 1)} "
+                f"(at most the solver's order {order}, and only {i + 1} predictions exist by then)"
+            )
+    if last_step_to_data and orders[-1] != 1:
+        raise ValueError("the last step lands on clean data (lambda = inf), where only order 1 is defined: set orders[-1] = 1")
     return orders
 
 

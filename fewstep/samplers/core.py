@@ -139,8 +139,9 @@ class Setup:
         eval_times: list[float] | None,
         routine: Callable[[torch.Tensor, "NoiseSource"], "Routine"],
         stochastic: bool = False,
+        orders: list[int] | None = None,
     ) -> "Program":
-        return Program(self.spec, self.schedule, self.nfe, grid, eval_times, routine, dict(self.options), stochastic)
+        return Program(self.spec, self.schedule, self.nfe, grid, eval_times, routine, dict(self.options), stochastic, orders=orders)
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Program:
     options: dict[str, Any] = field(default_factory=dict)
     stochastic: bool = False
     x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    orders: list[int] | None = None  # per-step solver orders, for samplers with an ``orders`` option
 
     @property
     def start_time(self) -> float:
@@ -378,12 +380,40 @@ def _check_noise(noise: Any) -> torch.Tensor:
     return noise
 
 
+def _plan_program(
+    plan: Any,
+    schedule: NoiseSchedule | None,
+    sampler: str | None,
+    nfe: int | None,
+    spacing: Any,
+    end: str,
+    t_start: float | None,
+    options: Mapping[str, Any],
+) -> Program:
+    """The program of a sampling plan, refusing arguments the plan already fixes."""
+    from fewstep.samplers.plan import SamplingPlan
+
+    if isinstance(plan, Mapping):
+        plan = SamplingPlan.from_dict(plan)
+    if not isinstance(plan, SamplingPlan):
+        raise TypeError(f"plan must be a SamplingPlan (or its dict), got {type(plan).__name__}")
+    if nfe is not None and nfe != plan.nfe:
+        raise ValueError(f"the plan was tuned for nfe={plan.nfe}, not nfe={nfe}; tune one for {nfe} (fewstep tune --nfe {nfe})")
+    given = [k for k, v in (("sampler", sampler), ("spacing", spacing), ("t_start", t_start)) if v is not None]
+    given += ["end"] if end != "zero" else []
+    given += sorted(options)
+    if given:
+        raise TypeError(f"a plan fixes the sampler, grid and options; do not pass {', '.join(given)} with plan=")
+    return plan.program(schedule)
+
+
 def sample(
     denoiser: Callable[..., torch.Tensor],
     noise: torch.Tensor,
-    sampler: str = "dpmpp_2m",
-    nfe: int = 10,
+    sampler: str | None = None,
+    nfe: int | None = None,
     *,
+    plan: Any = None,
     schedule: NoiseSchedule | None = None,
     spacing: Spacing | None = None,
     end: str = "zero",
@@ -403,8 +433,10 @@ def sample(
             diffusers models into denoisers.
         noise: standard normal noise, shape (B, ...); its dtype is the dtype the network sees
             (float16/bfloat16 networks: the sampler state is kept in float32).
-        sampler: a registered name (``fewstep.samplers.available()``).
-        nfe: the number of network evaluations.
+        sampler: a registered name (``fewstep.samplers.available()``); default ``"dpmpp_2m"``.
+        nfe: the number of network evaluations; default 10.
+        plan: a :class:`fewstep.samplers.SamplingPlan` (or its dict) from ``fewstep.samplers.tune``;
+            it fixes the sampler, budget, grid and options, so those are not passed with it.
         schedule: the model's noise schedule; defaults to ``denoiser.schedule``.
         spacing: time-grid spacing name or explicit grid (see :func:`fewstep.schedules.time_grid`);
             default: the sampler's own choice.
@@ -421,11 +453,16 @@ def sample(
     noise = _check_noise(noise)
     if schedule is None:
         schedule = getattr(denoiser, "schedule", None)
-        if schedule is None:
-            raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
     if cond is not None and not isinstance(cond, Mapping):
         raise TypeError(f"cond must be a mapping of keyword arguments for the denoiser, got {type(cond).__name__}")
-    program = prepare(sampler, nfe, schedule, spacing=spacing, end=end, t_start=t_start, **options)
+    if plan is not None:
+        program = _plan_program(plan, schedule, sampler, nfe, spacing, end, t_start, options)
+    else:
+        if schedule is None:
+            raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
+        sampler = "dpmpp_2m" if sampler is None else sampler
+        nfe = 10 if nfe is None else nfe
+        program = prepare(sampler, nfe, schedule, spacing=spacing, end=end, t_start=t_start, **options)
     work = torch.promote_types(noise.dtype, torch.float32)
     x = program.initial_state(noise.to(work))
     out, times = run_program(

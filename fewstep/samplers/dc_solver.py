@@ -94,7 +94,7 @@ def _plan(setup: Setup, order: int, ratios: Sequence[float] | None = None) -> tu
                     f"needs {dc_order + 1}); the first {dc_order} ratios must be 1"
                 )
             comp = compensation_weights(pts, i, ratios[i], dc_order)
-        out.append(UniStep(st.predictor, st.corrector, comp))
+        out.append(UniStep(st.predictor, st.corrector, comp, st.order))
     return grid, pts, out
 
 
@@ -105,6 +105,7 @@ _OPTIONS = {
     "dc_order": 2,
     "dc_ratios": None,
     "dc_grid": None,
+    "orders": None,
 }
 
 
@@ -122,7 +123,7 @@ def _register(order: int) -> None:
     )
     def build(setup: Setup) -> Program:
         grid, pts, steps = _plan(setup, order)
-        return setup.program(grid, [p.t for p in pts[:-1]], unipc_routine(pts, steps))
+        return setup.program(grid, [p.t for p in pts[:-1]], unipc_routine(pts, steps), orders=[st.order for st in steps])
 
 
 for _k in (2, 3):

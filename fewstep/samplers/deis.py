@@ -71,9 +71,11 @@ def _deis(setup: Setup, order: int) -> Program:
     pts = setup.points(grid)
     # log rho has no polynomial extension to rho = 0; the t and rho bases do.
     to_data = math.isinf(pts[-1].lam) and basis == "log_rho"
-    orders = multistep_orders(setup.nfe, order, bool(setup.options["lower_order_final"]), to_data)
+    orders = multistep_orders(
+        setup.nfe, order, bool(setup.options["lower_order_final"]), to_data, requested=setup.options["orders"]
+    )
     steps = [deis_step(setup, pts, i, k, basis) for i, k in enumerate(orders)]
-    return setup.program(grid, [p.t for p in pts[:-1]], linear_multistep_routine(pts, steps))
+    return setup.program(grid, [p.t for p in pts[:-1]], linear_multistep_routine(pts, steps), orders=orders)
 
 
 def _register(order: int) -> None:
@@ -86,7 +88,7 @@ def _register(order: int) -> None:
         model_kind="diffusion",
         paper="Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator, eq. 14 (tAB-DEIS)",
         summary=f"exponential integrator, Adams-Bashforth order {order} on eps in basis t (or rho, log_rho)",
-        options={"basis": "t", "lower_order_final": True},
+        options={"basis": "t", "lower_order_final": True, "orders": None},
     )
     def build(setup: Setup) -> Program:
         return _deis(setup, order)

@@ -68,6 +68,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         boundary_condition: for a distilled consistency student, its ``c_skip``/``c_out``
             boundary condition (``fewstep.distill.BoundaryCondition`` fields), applied to every data
             prediction exactly as the student's own denoiser applies it.
+        plan: a sampling plan (``SamplingPlan.to_dict()``, from ``fewstep tune``): it replaces
+            sampler, options and spacing, and ``num_inference_steps`` must be its NFE.
         spacing: time-grid spacing name (``None``: the sampler's default).
         final: ``"zero"`` (finish on clean data) or ``"min"`` (stop at timestep 0).
         clip_sample / thresholding (+ ratio, max value): data-prediction processing, as diffusers.
@@ -101,6 +103,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         spacing: str | None = None,
         final: str = "zero",
         boundary_condition: dict[str, float] | None = None,
+        plan: dict[str, Any] | None = None,
     ):
         betas = diffusers_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
@@ -113,8 +116,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.empty(0)
         self.program: Program | None = None
         self._reset()
-        # Fail at construction on an unknown sampler or option, not at the first step.
-        validate_options(spec(sampler), self._options())
+        # Fail at construction on an unknown sampler, option or malformed plan, not at the first step.
+        if plan is not None:
+            from fewstep.samplers.plan import SamplingPlan
+
+            self._plan = SamplingPlan.from_dict(plan)
+            self._plan.check_schedule(self.schedule)
+        else:
+            self._plan = None
+            validate_options(spec(sampler), self._options())
 
     # -- planning ------------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
@@ -147,8 +157,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         one evaluation each, then a final step to the end time)."""
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps (the NFE budget) or timesteps")
-        _check_push_style(self.config.sampler)
-        if timesteps is not None:
+        if self._plan is not None:
+            if timesteps is not None or int(num_inference_steps) != self._plan.nfe:
+                raise ValueError(
+                    f"this scheduler runs a sampling plan tuned for {self._plan.nfe} network evaluations: "
+                    f"call it with num_inference_steps={self._plan.nfe}, or tune a plan for the budget you want"
+                )
+            program = self._plan.program(self.schedule)
+        elif timesteps is not None:
+            _check_push_style(self.config.sampler)
             ts = [float(t) for t in timesteps]
             end = self.schedule.t_zero if self.config.final == "zero" else self.schedule.t_min
             if spec(self.config.sampler).evals_per_step != 1:
@@ -158,6 +175,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 )
             program = self._program_for(len(ts), grid=ts + [end])
         else:
+            _check_push_style(self.config.sampler)
             program = self._program_for(int(num_inference_steps))
         if program.eval_times is None:
             raise ValueError(

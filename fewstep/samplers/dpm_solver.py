@@ -39,16 +39,18 @@ def _multistep(setup: Setup, order: int, eta: float = 0.0, renoise_uncond: bool 
         raise ValueError(f"{setup.spec.name}: eta must be >= 0, got {eta}")
     grid = setup.grid(setup.nfe)
     pts = setup.points(grid)
-    orders = multistep_orders(setup.nfe, order, bool(opts.get("lower_order_final", True)), math.isinf(pts[-1].lam))
+    orders = multistep_orders(
+        setup.nfe, order, bool(opts.get("lower_order_final", True)), math.isinf(pts[-1].lam), requested=opts.get("orders")
+    )
     steps = []
     for i, o in enumerate(orders):
         c_x, w, c_z = dpmpp_multistep_weights(pts, i, o, solver_type, eta, d2_weight)
         steps.append(LinearStep(c_x, tuple(w), (), c_z))
     routine = linear_multistep_routine(pts, steps, renoise_uncond=renoise_uncond)
-    return setup.program(grid, [p.t for p in pts[:-1]], routine, stochastic=eta > 0)
+    return setup.program(grid, [p.t for p in pts[:-1]], routine, stochastic=eta > 0, orders=orders)
 
 
-_MULTI_OPTS = {"lower_order_final": True}
+_MULTI_OPTS = {"lower_order_final": True, "orders": None}
 
 
 @register(

@@ -85,11 +85,13 @@ class UniStep:
     * ``corrector``: ``(c_x, w)`` over ``[m_{i+1}, m_i, ...]``, applied once ``m_{i+1}`` is known
       (``None``: no corrector, e.g. after the last step, where no evaluation follows);
     * ``compensation``: DC-Solver's replacement of ``m_i`` by ``sum_j w[j] m_{i-j}`` before the
-      predictor (``None``: none)."""
+      predictor (``None``: none);
+    * ``order``: the predictor's order (the number of predictions it uses)."""
 
     predictor: tuple[float, tuple[float, ...]]
     corrector: tuple[float, tuple[float, ...]] | None = None
     compensation: tuple[float, ...] | None = None
+    order: int = 1
 
 
 def unipc_steps(
@@ -107,7 +109,10 @@ def unipc_steps(
     polynomial, and a step that starts there has no corrector (its ``B(h)`` may be infinite).
     ``disable_corrector`` lists the step indices whose corrector is skipped (diffusers' option)."""
     n = len(pts) - 1
-    orders = multistep_orders(n, order, bool(setup.options["lower_order_final"]), math.isinf(pts[-1].lam), below=math.inf)
+    orders = multistep_orders(
+        n, order, bool(setup.options["lower_order_final"]), math.isinf(pts[-1].lam), below=math.inf,
+        requested=setup.options.get("orders"),
+    )
     steps = []
     for i, o in enumerate(orders):
         o = min(o, sum(1 for p in pts[max(i - o + 1, 0) : i + 1] if math.isfinite(p.lam)) or 1)
@@ -116,7 +121,7 @@ def unipc_steps(
         if corrector and i < n - 1 and i not in disable_corrector and math.isfinite(pts[i].lam):
             cc_x, cw = unipc_weights(pts, i, o, variant, corrector=True)
             corr = (cc_x, tuple(cw))
-        steps.append(UniStep((c_x, tuple(w)), corr))
+        steps.append(UniStep((c_x, tuple(w)), corr, order=o))
     return steps
 
 
@@ -171,10 +176,10 @@ def _build(setup: Setup, order: int) -> Program:
     steps = unipc_steps(
         setup, pts, order, opts["solver_type"], corrector=bool(opts["corrector"]), disable_corrector=tuple(opts["disable_corrector"])
     )
-    return setup.program(grid, [p.t for p in pts[:-1]], unipc_routine(pts, steps))
+    return setup.program(grid, [p.t for p in pts[:-1]], unipc_routine(pts, steps), orders=[st.order for st in steps])
 
 
-_OPTIONS = {"solver_type": "bh2", "lower_order_final": True, "corrector": True, "disable_corrector": ()}
+_OPTIONS = {"solver_type": "bh2", "lower_order_final": True, "corrector": True, "disable_corrector": (), "orders": None}
 
 
 def _register(order: int) -> None:
