@@ -423,7 +423,12 @@ class FlowMatching(NoiseSchedule):
         return float(t)
 
     def shift_time(self, t: torch.Tensor) -> torch.Tensor:
+        """``shift t / (1 + (shift - 1) t)`` (SD3's resolution shift)."""
         return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def unshift_time(self, t: float) -> float:
+        """Inverse of :meth:`shift_time`: ``t / (shift - (shift - 1) t)``."""
+        return t / (self.shift - (self.shift - 1) * t)
 
     def _repr_args(self) -> str:
         return f"shift={self.shift}"
@@ -535,8 +540,8 @@ def time_grid(
 
     Spacings:
 
-    * ``"time_uniform"``: uniform in ``t``.
-    * ``"time_quadratic"``: uniform in ``sqrt(t - t_zero)`` (DPM-Solver's ``time_quadratic``).
+    * ``"time_uniform"``: uniform in ``t`` on ``[t_start, t_min]``.
+    * ``"time_quadratic"``: uniform in ``sqrt(t - t_min)`` (DPM-Solver's ``time_quadratic``).
     * ``"logsnr"``: uniform half log-SNR ``lambda`` (DPM-Solver, Lu et al. 2022, sec. 3.3).
     * ``"karras"``: ``sigma/alpha`` uniform in its ``1/rho`` power (EDM, Karras et al. 2022, eq. 5).
     * ``"shifted"``: uniform time warped by a flow schedule's resolution shift (SD3).
@@ -546,8 +551,9 @@ def time_grid(
 
     For ``logsnr``, ``karras`` and the diffusers spacings with ``end="zero"``, the first
     ``num_steps`` points span ``[t_start, t_min]`` and the grid finishes with a jump to
-    ``t_zero`` (the k-diffusion / diffusers convention); the time spacings span
-    ``[t_start, end]`` directly.
+    ``t_zero`` (the k-diffusion / diffusers convention).  The time spacings place ``num_steps + 1``
+    points on ``[t_start, t_min]`` and move the last one to the end, so every evaluation time is a
+    time the network was trained on and no evaluation is spent at ``t_min``.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -572,15 +578,19 @@ def time_grid(
         raise ValueError(f"unknown spacing {spacing!r}{close_matches(spacing, SPACINGS)}; choose from {', '.join(SPACINGS)} or pass a list of times")
 
     if spacing in ("time_uniform", "time_quadratic", "shifted"):
+        # Spaced on [t_start, t_min], so no interior time falls below what the network was trained
+        # on; the last point is then moved to the end (clean data for end="zero").
+        lo = schedule.t_min
         if spacing == "time_uniform":
-            grid = torch.linspace(t_hi, t_end, n + 1, dtype=torch.float64)
+            grid = torch.linspace(t_hi, lo, n + 1, dtype=torch.float64)
         elif spacing == "time_quadratic":
-            z = schedule.t_zero
-            grid = z + torch.linspace(math.sqrt(t_hi - z), math.sqrt(t_end - z), n + 1, dtype=torch.float64) ** 2
+            grid = lo + torch.linspace(math.sqrt(t_hi - lo), 0.0, n + 1, dtype=torch.float64) ** 2
         else:
             if not isinstance(schedule, FlowMatching):
                 raise ValueError("spacing='shifted' applies a flow-matching schedule's resolution shift; this schedule is " + type(schedule).__name__)
-            grid = schedule.shift_time(torch.linspace(t_hi, t_end, n + 1, dtype=torch.float64))
+            # uniform in the unshifted time, mapped through the shift: the endpoints stay put
+            grid = schedule.shift_time(torch.linspace(schedule.unshift_time(t_hi), schedule.unshift_time(lo), n + 1, dtype=torch.float64))
+        grid[0], grid[-1] = t_hi, t_end
     elif spacing in ("logsnr", "karras"):
         lam_hi, lam_lo = schedule.lambda_(t_hi), schedule.lambda_(schedule.t_min)
         if not math.isfinite(lam_hi):
@@ -603,6 +613,11 @@ def time_grid(
         else:
             grid[-1] = schedule.t_min
     else:
+        if t_start is not None and float(t_start) != schedule.t_max:
+            raise ValueError(
+                f"spacing={spacing!r} is diffusers' fixed integer spacing from the last training timestep; "
+                "it cannot start at t_start: use 'time_uniform', 'time_quadratic', 'logsnr' or an explicit grid"
+            )
         grid = _diffusers_spacing(schedule, n, spacing, steps_offset, t_end)
     _validate_grid(schedule, grid)
     return grid

@@ -171,3 +171,47 @@ def test_zero_snr_v_prediction_through_the_scheduler(unet):
         out = pipe(batch_size=1, num_inference_steps=5, output_type="np").images
         assert pipe.scheduler.timesteps[0] == 999
         assert bool(torch.isfinite(torch.from_numpy(out)).all())
+
+
+def test_steps_offset_reaches_the_leading_spacing():
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler(timestep_spacing="leading", steps_offset=1)
+    ref.set_timesteps(5)
+    sch = FewstepScheduler(spacing="leading", steps_offset=1)
+    sch.set_timesteps(5)
+    assert sch.timesteps.tolist() == ref.timesteps.tolist()
+
+
+def test_flow_and_edm_configs_are_refused_not_replaced():
+    from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+
+    for other in (FlowMatchEulerDiscreteScheduler(shift=3.0), EDMEulerScheduler()):
+        with pytest.raises(ValueError, match="DDPM-family"):
+            FewstepScheduler.from_config(other.config)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc_3"])
+def test_image_to_image_starts_part_way(unet, name):
+    """set_begin_index (diffusers' img2img `strength`) re-plans the rest of the grid as its own run."""
+    from fewstep.samplers.core import run_program
+
+    ddpm = DDPMScheduler()
+    sch = FewstepScheduler.from_config(ddpm.config, sampler=name)
+    sch.set_timesteps(6)
+    full = sch.timesteps.clone()
+    grid = sch.program.grid
+    sch.set_begin_index(2)
+    assert sch.timesteps.tolist() == full[2:].tolist() and sch.num_inference_steps == 4
+    x_start = sch.add_noise(torch.zeros(2, 1, 8, 8), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), full[2:3])
+    with torch.no_grad():
+        x = x_start.clone()
+        for t in sch.timesteps:
+            x = sch.step(unet(x, t).sample, t, x).prev_sample
+        program = fewstep.samplers.prepare(name, 4, sch.schedule, spacing=grid[2:].tolist())
+        ref, _ = run_program(program, DiffusersDenoiser(unet, ddpm), x_start.clone())
+    assert torch.equal(x, ref)
+    with pytest.raises(ValueError, match="cannot start part-way"):
+        s2 = FewstepScheduler.from_config(ddpm.config, sampler="dpmpp_2s")
+        s2.set_timesteps(6)
+        s2.set_begin_index(2)

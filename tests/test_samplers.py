@@ -50,6 +50,18 @@ def test_exact_nfe(name, nfe, end, eps_net):
     assert all(DDPM.sigma(t) > 0 for t in den.times)
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if fewstep.spec(n).push_style])
+@pytest.mark.parametrize("nfe", [5, 32, 50, 200])
+def test_evaluation_times_are_training_times(name, nfe):
+    """Every evaluation of every default grid is at a time the network was trained on."""
+    try:
+        program = fewstep.samplers.prepare(name, nfe, DDPM)
+    except ValueError as err:  # a budget this sampler cannot meet (lcm's timestep table) says how
+        assert "nfe" in str(err) or "steps" in str(err), str(err)
+        return
+    assert all(DDPM.t_min <= t <= DDPM.t_max for t in program.eval_times)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_budget_below_minimum_says_the_minimum(name):
     with pytest.raises(ValueError, match=rf"needs at least nfe={fewstep.spec(name).min_nfe}"):

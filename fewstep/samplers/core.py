@@ -114,13 +114,14 @@ class Setup:
     spacing: Spacing | None = None
     end: str = "zero"
     t_start: float | None = None
+    steps_offset: int = 0
 
     def grid(self, num_steps: int) -> torch.Tensor:
         """The step grid: the caller's spacing, or the schedule family's default."""
         if num_steps < 1:
             raise ValueError(f"{self.spec.name} cannot run with nfe={self.nfe}: minimum is {self.spec.min_nfe}")
         sp = self.spacing if self.spacing is not None else default_spacing(self.schedule)
-        return time_grid(self.schedule, num_steps, sp, end=self.end, t_start=self.t_start)
+        return time_grid(self.schedule, num_steps, sp, end=self.end, t_start=self.t_start, steps_offset=self.steps_offset)
 
     def points(self, times: Sequence[float] | torch.Tensor) -> list[Point]:
         return points(self.schedule, times)
@@ -242,10 +243,12 @@ def prepare(
     spacing: Spacing | None = None,
     end: str = "zero",
     t_start: float | None = None,
+    steps_offset: int = 0,
     **options: Any,
 ) -> Program:
     """Build the :class:`Program` of a registered sampler: validates the options and the NFE
-    budget, builds the grid and precomputes every coefficient."""
+    budget, builds the grid and precomputes every coefficient.  ``steps_offset`` is diffusers'
+    offset of the ``leading`` spacing (1 in Stable Diffusion's config)."""
     s = spec(sampler)
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(
@@ -254,7 +257,7 @@ def prepare(
         )
     nfe = _check_nfe(nfe, s)
     opts = validate_options(s, options)
-    program = s.build(Setup(s, schedule, nfe, opts, spacing, end, t_start))
+    program = s.build(Setup(s, schedule, nfe, opts, spacing, end, t_start, int(steps_offset)))
     program.options = opts
     program.x0_transform = _x0_transform(opts)
     if program.eval_times is not None and len(program.eval_times) != nfe:
@@ -264,10 +267,13 @@ def prepare(
 
 @dataclass
 class SampleInfo:
+    """What a :func:`sample` call did: its evaluations, grid and sampler."""
+
     nfe: int
     eval_times: list[float | list[float]]  # per-sample lists for samplers that choose times per sample
     grid: list[float]
     sampler: str
+    stochastic: bool = False  # whether this run drew fresh noise (e.g. ddim with eta > 0)
 
 
 def _check_output(
@@ -477,5 +483,5 @@ def sample(
     )
     out = out.to(noise.dtype)
     if return_info:
-        return out, SampleInfo(len(times), times, program.grid.tolist(), program.spec.name)
+        return out, SampleInfo(len(times), times, program.grid.tolist(), program.spec.name, program.stochastic)
     return out

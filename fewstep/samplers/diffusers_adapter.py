@@ -144,8 +144,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self.schedule,
             spacing=grid if grid is not None else self.config.spacing,
             end=self.config.final,
+            steps_offset=self.config.steps_offset,
             **self._options(),
         )
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """As diffusers' ``from_config``, refusing schedules other than the DDPM family (whose
+        keys it would otherwise drop silently, leaving a DDPM schedule in their place)."""
+        cfg = dict(config.config if hasattr(config, "config") else (config or {}))
+        name = str(cfg.get("_class_name", ""))
+        if "beta_schedule" not in cfg and "trained_betas" not in cfg and ("FlowMatch" in name or "shift" in cfg or "sigma_data" in cfg):
+            raise ValueError(
+                f"FewstepScheduler drives DDPM-family (discrete variance-preserving) schedules, and {name or 'this config'} "
+                "is a flow-matching or EDM schedule; sample such models with fewstep.sample(DiffusersDenoiser(model, "
+                "scheduler), noise, ...), whose schedule comes from fewstep.schedules.from_diffusers"
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def set_timesteps(
         self,
@@ -177,6 +192,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         else:
             _check_push_style(self.config.sampler)
             program = self._program_for(int(num_inference_steps))
+        self._install(program, device)
+
+    def _install(self, program: Program, device: str | torch.device | None) -> None:
         if program.eval_times is None:
             raise ValueError(
                 f"sampler {self.config.sampler!r} chooses its evaluation times while sampling, which a diffusers "
@@ -198,6 +216,25 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = (ts.to(torch.int64) if integral else ts.to(torch.float32)).to(device)
         self.init_noise_sigma = self.schedule.noise_scale(program.start_time)
         self._reset()
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at evaluation ``begin_index`` (image-to-image pipelines skip the noisiest part of
+        the plan by ``strength``): the rest of the grid is re-planned as a run of its own, from the
+        timestep the pipeline noises its input to."""
+        if self.program is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before set_begin_index()")
+        k = int(begin_index)
+        if k == 0:
+            return
+        if not 0 < k < self.program.nfe:
+            raise ValueError(f"begin_index must be in [0, {self.program.nfe}), got {begin_index}")
+        if self._plan is not None or self.program.spec.evals_per_step != 1:
+            raise ValueError(
+                f"{'a sampling plan' if self._plan is not None else repr(self.config.sampler)} cannot start part-way: its "
+                "evaluations are not one per grid time; for image-to-image use a multistep sampler (dpmpp_2m, unipc_3, ...)"
+            )
+        device = self.timesteps.device
+        self._install(self._program_for(self.program.nfe - k, grid=self.program.grid[k:].tolist()), device)
 
     def _reset(self) -> None:
         self._routine = None
