@@ -75,6 +75,58 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_model(spec: str, shape: Sequence[int] | None):
+    """(denoiser, sample shape, noise dtype, description) for `fewstep tune --model`."""
+    import torch
+
+    if spec == "mixture":
+        from fewstep.eval.exact import default_schedule
+        from fewstep.models import GaussianMixture
+
+        return GaussianMixture.digits().denoiser(default_schedule()), (64,), torch.float64, "the exact digits mixture"
+    from fewstep.eval.model_spec import resolve_model
+
+    resolved = resolve_model(spec, shape=shape)
+    return resolved.denoiser, resolved.shape, torch.float32, resolved.description
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from fewstep.samplers.tune import tune
+
+    denoiser, shape, dtype, description = _tune_model(args.model, args.shape)
+    stages = ["reference", "default", *args.ingredients]
+    bar = tqdm(total=len(stages), desc=f"tuning {args.sampler} at {args.nfe} NFE", disable=args.quiet)
+
+    def progress(msg: str) -> None:
+        bar.set_postfix_str(msg[:60])
+        bar.update(1)
+
+    plan = tune(
+        denoiser,
+        sampler=args.sampler,
+        nfe=args.nfe,
+        num_trajectories=args.num_trajectories,
+        generator=torch.Generator().manual_seed(args.seed),
+        shape=shape,
+        dtype=dtype,
+        ingredients=args.ingredients,
+        progress=progress,
+    )
+    bar.close()
+    plan.meta["model"] = description
+    path = plan.save(args.out)
+    print(f"{plan!r} for {description}, written to {path}")
+    print(f"{'stage':14s} {'train RMSE':>11s} {'val RMSE':>9s}  kept")
+    for st in plan.meta["stages"]:
+        print(f"{st['stage']:14s} {st['train_rmse']:11.4g} {st['val_rmse']:9.4g}  {'yes' if st['accepted'] else 'no'}")
+    print(f"{plan.meta['seconds']:.0f} s, {plan.meta['network_evaluations']} sample evaluations; "
+          f"use it with fewstep.sample(denoiser, noise, plan=SamplingPlan.load({str(path)!r}))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewstep", description="Few-step sampling for diffusion and consistency models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -111,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-exact", action="store_true", help="skip the exact-mixture study")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_report)
+    t = sub.add_parser(
+        "tune",
+        help="tune a sampling plan (grid, per-step orders, coefficients) for one model and NFE budget",
+        description="Fits a sampling plan to the model's own many-step trajectories and writes it as JSON.",
+    )
+    t.add_argument("--model", default="embedded",
+                   help="'embedded' (default: the digits UNet), 'mixture' (the exact digits mixture), a saved diffusers "
+                        "pipeline folder, or module:attribute naming a denoiser")
+    t.add_argument("--shape", type=_int_list, default=None, help="sample shape C,H,W for a module:attribute model")
+    t.add_argument("--sampler", default="unipc_3", help="the base sampler (default: %(default)s)")
+    t.add_argument("--nfe", type=int, default=5, help="network evaluations (default: %(default)s)")
+    t.add_argument("--num-trajectories", type=int, default=128, help="noises to fit on, a quarter held out (default: %(default)s)")
+    t.add_argument("--ingredients", type=_name_list, default=["grid", "orders", "coefficients"],
+                   help="stages, comma-separated (default: grid,orders,coefficients)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="plan.json", help="where to write the plan (default: %(default)s)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tune)
     from fewstep.distill.cli import add_distill_parser
 
     add_distill_parser(sub)

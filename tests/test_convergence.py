@@ -20,7 +20,7 @@ from fewstep.schedules import VPContinuous
 
 NFES = [128, 192, 288, 432]
 # order 0: no convergence order (time shift, CFG++); DC-Solver without fitted ratios is UniPC
-# (tests/test_unipc.py checks the equality), so it is not measured twice
+# (tests/test_unipc.py checks the equality, and measures the first order of a ratio other than 1)
 DETERMINISTIC = [
     n for n in fewstep.available(model_kind="diffusion")
     if not fewstep.spec(n).stochastic and fewstep.spec(n).order > 0 and fewstep.spec(n).family != "dc_solver"

@@ -8,14 +8,19 @@ the same noise."""
 from __future__ import annotations
 
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 import fewstep
 from fewstep.distill import CD, ICT, LCD, MCD, BoundaryCondition, Distiller, DistillConfig, IntervalSolver, MixtureData, MLPNet, TensorData
-from fewstep.distill.objective import Batch, Models
+from fewstep.distill import ConsistencyStudent
+from fewstep.distill.objective import Batch, Models, consistency_distance
 from fewstep.distill.student import guidance_embedding
 from fewstep.samplers.core import run_program
+from fewstep.schedules import EDM, default_spacing, time_grid
 
 
 @pytest.fixture
@@ -127,6 +132,134 @@ def test_segment_map_is_identity_on_edges_and_ddim_inside(digits_mixture, ddpm_s
     assert rmse(out[1], ref[0]) < 1e-5
     # the last one ends on clean data: DDIM to sigma = 0 is the data prediction itself
     assert rmse(out[2], den(x[2:3], t[2:3])[0]) < 1e-6
+
+
+def _karras(n_points, s_min, s_max, rho):
+    """Karras et al. 2022 eq. 5, increasing: sigma_i = (s_min^(1/rho) + i/(n-1) (s_max^(1/rho) - s_min^(1/rho)))^rho."""
+    i = np.arange(n_points) / (n_points - 1)
+    return (s_min ** (1 / rho) + i * (s_max ** (1 / rho) - s_min ** (1 / rho))) ** rho
+
+
+def test_ict_follows_song_and_dhariwal_2023():
+    """iCT's pieces against the formulas of "Improved Techniques for Training Consistency Models",
+    computed here independently: the curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 with
+    K' = floor(K / (log2 floor(s1/s0) + 1)) (sec. 3.4), the Karras grid (rho = 7), the lognormal
+    interval probabilities p_n ~ erf((ln s_{n+1} - P_mean)/(sqrt2 P_std)) - erf((ln s_n - P_mean)/(sqrt2 P_std))
+    (sec. 3.5), the weights 1/(s_{n+1} - s_n) (sec. 3.4) and the pseudo-Huber distance with
+    c = 0.00054 sqrt(d) (sec. 3.3), on EDM (sigma = t) with the paper's K = 400k and CIFAR's d."""
+    sch = EDM(0.002, 80.0)
+    obj = ICT()
+    obj.bind(sch, (3, 32, 32), 400_000)
+    k_stage = math.floor(400_000 / (math.log2(1280 // 10) + 1))
+    assert k_stage == 50_000
+    for k in (0, 49_999, 50_000, 149_999, 150_000, 349_999, 350_000, 399_999):
+        assert obj.num_points(k) == min(10 * 2 ** (k // k_stage), 1280) + 1, k
+    erf = np.vectorize(math.erf)
+    for k in (0, 120_000):
+        n = obj.num_points(k)
+        sig = _karras(n, 0.002, 80.0, 7.0)
+        grid = obj.grid_at(k)
+        np.testing.assert_allclose(grid.numpy(), sig, rtol=1e-12)
+        z = (np.log(sig) + 1.1) / (math.sqrt(2.0) * 2.0)
+        p = erf(z[1:]) - erf(z[:-1])
+        np.testing.assert_allclose(obj.interval_probabilities(k).numpy(), p / p.sum(), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(obj.weights(grid, torch.arange(n - 1)).numpy(), 1.0 / np.diff(sig), rtol=1e-9)
+    # the intervals drawn follow those probabilities (4000 draws, 5 standard errors)
+    gens = fewstep.distill.sample_generators(3, 0, range(4000))
+    drawn = obj.draw_intervals(Batch(torch.zeros(4000, 1), {}, gens, 0), obj.grid_at(0))
+    freq = np.bincount(drawn.numpy(), minlength=10) / 4000
+    p = obj.interval_probabilities(0).numpy()
+    assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / 4000) + 1e-3), (freq, p)
+    # pseudo-Huber with c = 0.00054 sqrt(3 * 32 * 32) = 0.0299
+    c = 0.00054 * math.sqrt(3 * 32 * 32)
+    assert obj.loss_c == pytest.approx(c, rel=1e-12)
+    a, b = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64) * 0.01
+    expect = [math.sqrt(float(((a[i] - b[i]) ** 2).sum()) + c * c) - c for i in range(4)]
+    np.testing.assert_allclose(consistency_distance(a, b, "pseudo_huber", obj.loss_c).numpy(), expect, rtol=1e-6)
+
+
+def test_ict_noise_levels_on_a_vp_schedule_are_sigma_over_alpha(ddpm_schedule):
+    """On a VP schedule the recipe's sigma is the equivalent VE noise level sigma(t) / alpha(t)."""
+    obj = ICT(s0=10, s1=40)
+    obj.bind(ddpm_schedule, (64,), 300)
+    grid = obj.grid_at(0)
+    rho = np.array([ddpm_schedule.sigma(t) / ddpm_schedule.alpha(t) for t in grid.tolist()])
+    np.testing.assert_allclose(obj.weights(grid, torch.arange(len(grid) - 1)).numpy(), 1.0 / np.diff(rho), rtol=1e-9)
+    erf = np.vectorize(math.erf)
+    z = (np.log(rho) + 1.1) / (math.sqrt(2.0) * 2.0)
+    p = erf(z[1:]) - erf(z[:-1])
+    np.testing.assert_allclose(obj.interval_probabilities(0).numpy(), p / p.sum(), rtol=1e-9, atol=1e-15)
+
+
+class _TinyNet(torch.nn.Module):
+    """A fixed smooth data-prediction network ``tanh(x W + t / 1000)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(5)) / 2)
+
+    def forward(self, x, timestep):
+        t = torch.as_tensor(timestep, dtype=x.dtype).reshape(-1, 1)
+        return torch.tanh(x @ self.w.to(x.dtype) + t / 1000.0)
+
+
+def test_cd_loss_is_song_et_al_2023_eq_7_by_hand(ddpm_schedule):
+    """CD's loss on a toy, against eq. 7 of "Consistency Models" written out here:
+    L = mean_b lambda(t_n) d(f(x + ..., t_{n+1}), f(x_hat_n, t_n)) with x_{n+1} = alpha x0 + sigma z,
+    x_hat_n the teacher's DDIM step (Song et al. 2021, eq. 12, eta = 0) with the exact denoiser
+    of N(0, c^2 I) data, f = c_skip x + c_out F with u = kappa (t - t_b), lambda = 1, d = mean
+    squared error.  The random draws are the sample's own: its interval first, then its noise."""
+    sch, c = ddpm_schedule, 0.5
+
+    def teacher(x, t):  # E[x0 | x_t] for x0 ~ N(0, c^2 I)
+        tt = t.to("cpu", torch.float64).reshape(-1, 1)
+        a, s = sch.alpha(tt), sch.sigma(tt)
+        return (a * c * c / (a * a * c * c + s * s)).to(x.dtype) * x
+
+    obj = CD(num_intervals=5, teacher_sampler="ddim")
+    obj.bind(sch, (4,), 10)
+    tau = time_grid(sch, 5, default_spacing(sch), end="zero").flip(0)
+    assert torch.equal(obj.grid, tau) and float(tau[0]) == sch.t_zero
+    net = _TinyNet()
+    student = ConsistencyStudent(net, sch, "sample", obj.boundary())
+    x0 = torch.randn(16, 4, generator=torch.Generator().manual_seed(9)) * c
+    loss, _ = obj.loss(Models(student, student, teacher), Batch(x0, {}, fewstep.distill.sample_generators(1, 0, range(16)), 0))
+
+    def f(x, t):
+        u = 10.0 * (t - float(tau[0]))
+        c_skip, c_out = 0.25 / (u * u + 0.25), u / math.sqrt(u * u + 0.25)
+        return c_skip * x + c_out * net(x, torch.tensor(t)).double()
+
+    terms, at_boundary = [], 0
+    for b, g in enumerate(fewstep.distill.sample_generators(1, 0, range(16))):
+        n = int(torch.randint(5, (1,), generator=g))
+        z = torch.randn((4,), generator=g).double()
+        t_hi, t_lo = float(tau[n + 1]), float(tau[n])
+        (a_hi, s_hi), (a_lo, s_lo) = sch.alpha_sigma(t_hi), sch.alpha_sigma(t_lo)
+        x_hi = (a_hi * x0[b].double() + s_hi * z)[None]
+        d = teacher(x_hi, torch.tensor([t_hi]))
+        x_lo = a_lo * d + s_lo * (x_hi - a_hi * d) / s_hi
+        at_boundary += n == 0
+        terms.append(float(((f(x_hi, t_hi) - f(x_lo, t_lo)) ** 2).mean().detach()))
+    assert at_boundary > 0  # the pair that ends on the boundary, where f(x, t_b) = x, is covered
+    assert float(loss.detach()) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_student_coefficients_per_time_are_cached_and_bounded(ddpm_schedule):
+    """A 0-d time takes the cached scalar coefficients, a (B,) time the vectorised ones: the same
+    numbers either way; the cache never holds more than 1024 times."""
+    from fewstep.distill import ConsistencyStudent
+
+    st = ConsistencyStudent(_TinyNet(), ddpm_schedule, "sample", BoundaryCondition(-1.0, 10.0, 0.5))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    for t in (0.0, 2.5, 600.0):
+        per_sample = st(x, torch.full((3,), t, dtype=torch.float64))
+        assert torch.equal(st(x, torch.tensor(t, dtype=torch.float64)), per_sample)
+        assert torch.equal(st(x, t), per_sample)
+    assert set(st._coefficient_cache) == {0.0, 2.5, 600.0}
+    for t in np.linspace(0.0, 999.0, 3000):
+        st._scalar_coefficients(float(t))
+    assert 0 < len(st._coefficient_cache) <= 1024
 
 
 # -- training on tiny problems -------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -69,6 +70,38 @@ def test_bad_input_fails_clearly_before_any_training_step(tmp_path, digits_image
     assert not (tmp_path / "shape" / "checkpoints").exists() and not (tmp_path / "shape" / "metrics.jsonl").exists()
     with pytest.raises(TypeError, match="no option"):  # a misspelt teacher-step option
         CD(teacher_sampler="ddim", teacher_options={"etaa": 0.0})
+
+
+def test_the_objective_is_bound_once(tmp_path, digits_mixture, ddpm_schedule, monkeypatch):
+    obj = CD(num_intervals=4, teacher_sampler="ddim")
+    calls = []
+    bind = obj.bind
+    monkeypatch.setattr(obj, "bind", lambda *a: (calls.append(a), bind(*a))[1])
+    d = Distiller(obj, MixtureData(digits_mixture), digits_mixture.denoiser(ddpm_schedule), MLPNet(dim=64),
+                  prediction_type="sample", config=cfg(tmp_path))
+    assert calls == [(ddpm_schedule, (64,), 3)] and d.student.boundary == obj.boundary()
+
+
+def test_image_folders_load_the_same_way_for_training_and_reference_statistics(tmp_path):
+    """One helper: distillation data and reference statistics read the same files (recursively,
+    sorted by path, the same extensions), in the same [-1, 1] scaling."""
+    from PIL import Image
+
+    from fewstep.distill.data import load_image_folder
+    from fewstep.eval.reference import image_files, load_images
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "sub").mkdir()
+    names = ["a.png", "b.tif", "sub/c.bmp", "sub/d.png", "notes.txt"]
+    for name in names[:-1]:
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    files = image_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == names[:-1]
+    train = load_image_folder(tmp_path, 8, 1)
+    assert train.shape == (4, 1, 8, 8) and torch.equal(train, load_images(files))
+    assert float(train.min()) >= -1.0 and float(train.max()) <= 1.0
+    assert load_image_folder(tmp_path, 4, 3).shape == (4, 3, 4, 4)  # converted to RGB and resized
 
 
 # -- precision, checkpointing, attention ------------------------------------------------------------

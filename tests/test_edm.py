@@ -7,9 +7,7 @@ import torch
 
 import fewstep
 from fewstep.samplers.edm import heun_plan
-from fewstep.schedules import EDM
-
-kd = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is a dev dependency")
+from fewstep.schedules import EDM, time_grid
 
 W = torch.randn(8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) / 3
 EDM_SCHEDULE = EDM(0.002, 80.0)
@@ -29,6 +27,7 @@ def noise():
 @pytest.mark.parametrize("steps", [2, 5, 12])
 @pytest.mark.parametrize("to_zero", [True, False])
 def test_heun_and_euler_equal_k_diffusion(noise, steps, to_zero):
+    kd = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is a dev dependency")
     sigmas = kd.get_sigmas_karras(steps, 0.002, 80.0, rho=7.0).double()
     if not to_zero:
         sigmas = sigmas[:-1]
@@ -62,7 +61,7 @@ def test_heun_budgets():
 
 
 def test_heun_on_an_explicit_grid_says_which_budget_works(noise):
-    sigmas = kd.get_sigmas_karras(6, 0.002, 80.0).double()
+    sigmas = torch.tensor(time_grid(EDM_SCHEDULE, 6, "karras").tolist()[:-1] + [0.0], dtype=torch.float64)  # 6 steps to 0
     with pytest.raises(ValueError, match=r"grid of 6 steps costs nfe=11.*got nfe=10"):
         fewstep.sample(den, noise, "heun", 10, schedule=EDM_SCHEDULE, spacing=sigmas)
     with pytest.raises(ValueError, match=r"grid of 5 steps costs nfe=10"):
@@ -79,3 +78,29 @@ def test_heun_with_a_parity_euler_step_stays_second_order(digits_mixture):
     errs = [float((fewstep.sample(digits_mixture.denoiser(sched), x, "heun", n, spacing="logsnr", end="min") - ref)
                   .pow(2).mean().sqrt()) for n in (97, 193)]
     assert 3.3 < errs[0] / errs[1] < 4.7
+
+
+def test_heun_decides_zero_snr_from_its_first_grid_time(eps_net):
+    """On a zero-terminal-SNR schedule only a grid that starts at zero SNR needs Euler first steps:
+    a teacher step over [500, 300] (distillation's IntervalSolver builds a grid that does not start
+    at t_max) is one Heun step with two evaluations, equal to heun on that explicit grid."""
+    from diffusers import DDPMScheduler
+
+    from fewstep.distill.teacher import IntervalSolver
+    from fewstep.models import PredictionDenoiser
+    from fewstep.samplers.core import run_program
+    from fewstep.schedules import from_diffusers
+
+    zsnr = from_diffusers(DDPMScheduler(rescale_betas_zero_snr=True))
+    program = IntervalSolver("heun", zsnr).program(500.0, 300.0)
+    assert program.eval_times == [500.0, 300.0]  # Heun: at the start, then at the Euler prediction
+    den = PredictionDenoiser(eps_net, zsnr, "v_prediction")
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = fewstep.samplers.prepare("heun", 2, zsnr, spacing=[500.0, 300.0])
+    euler = fewstep.samplers.prepare("euler", 2, zsnr, spacing=[500.0, 400.0, 300.0])
+    assert torch.equal(run_program(program, den, x)[0], run_program(ref, den, x)[0])
+    assert not torch.allclose(run_program(program, den, x)[0], run_program(euler, den, x)[0])
+    # from t_max (alpha = 0) the budget is still met with Euler first steps, and stays finite
+    start = fewstep.samplers.prepare("heun", 4, zsnr, spacing="trailing")
+    assert start.grid[0] == zsnr.t_max and len(start.eval_times) == 4
+    assert bool(torch.isfinite(run_program(start, den, x)[0]).all())

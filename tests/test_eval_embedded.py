@@ -63,9 +63,11 @@ def test_pipeline_with_a_fewstep_scheduler_equals_the_denoiser():
 
 
 def test_samples_are_close_to_the_data_floor():
-    # 256 samples of DPM-Solver++(2M) at 10 NFE against the test split score within 1.5x of 256
-    # real train digits against the same reference (the floor at this sample count; measured 1.08x),
-    # while 4 DDIM steps from the same noise are far from it (measured 3.6x).
+    # 512 samples of DPM-Solver++(2M) at 10 NFE against the test split score within 3x of 512
+    # real train digits against the same reference (the floor at this sample count), while 4 DDIM
+    # steps from the same noise are beyond it.  Measured over noise seeds 0-5: 0.7-2.2x (2.2x for
+    # seed 0, the one used here) and 3.9-5.3x.  FID at a few hundred samples is noisy: at 256
+    # samples the first ratio ranges over 0.6-2.4x from one noise seed to another.
     from fewstep.eval.features import digits_features
     from fewstep.eval.fid import sample_noise
     from fewstep.eval.frechet import frechet_distance_from_features
@@ -74,12 +76,12 @@ def test_samples_are_close_to_the_data_floor():
 
     ext = digits_features()
     ref = reference_stats("digits:test", ext, cache_dir=False)
-    floor = data_floor(ref, ext, 256)["fid"]
+    floor = data_floor(ref, ext, 512)["fid"]
     den = embedded.digits_denoiser()
-    noise = sample_noise(0, 0, 256, (1, 8, 8))
+    noise = sample_noise(0, 0, 512, (1, 8, 8))
     with torch.no_grad():
         good = fewstep.sample(den, noise, "dpmpp_2m", 10)
         coarse = fewstep.sample(den, noise, "ddim", 4)
     fid_good = frechet_distance_from_features(ext(good), ref.features)
     fid_coarse = frechet_distance_from_features(ext(coarse), ref.features)
-    assert fid_good < 1.5 * floor < fid_coarse
+    assert fid_good < 3 * floor < fid_coarse, (fid_good / floor, fid_coarse / floor)

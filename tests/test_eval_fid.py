@@ -71,6 +71,63 @@ def test_noise_depends_only_on_the_sample_index():
     assert abs(float(torch.corrcoef(whole.flatten(1)[:2])[0, 1])) < 0.5
 
 
+def test_seeds_come_from_one_hash_and_never_share_a_stream():
+    """FID noise and distillation draws use one helper (fewstep._util.derived_seed): keys that
+    differ in any word, in their number of words or in their tag give different seeds, where the
+    earlier formulas overlapped (``s0 << 31 ^ s1`` shares bits between its two words)."""
+    from fewstep._util import derived_seed
+    from fewstep.distill import sample_generators as distill_generators
+    from fewstep.eval.fid import sample_generators
+
+    keys = [(s, i) for s in range(4) for i in range(64)] + [(s, i, 0) for s in range(4) for i in range(64)]
+    seeds = {derived_seed(*k) for k in keys}
+    assert len(seeds) == len(keys) and all(0 <= v < 2**64 for v in seeds)
+    assert derived_seed(1, 2) != derived_seed(12) != derived_seed("1", "2")
+    fid = {g.initial_seed() for g in sample_generators(0, 0, 64)}
+    distill = {g.initial_seed() for g in distill_generators(0, 0, range(64))}
+    assert len(fid) == len(distill) == 64 and not fid & distill
+    assert [g.initial_seed() for g in sample_generators(5, 10, 12)] == [derived_seed("fid-sample", 5, i) for i in (10, 11)]
+
+
+class Scaled(torch.nn.Module):
+    """The exact mixture's denoiser times a learnable scale: a tiny nn.Module model."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.inner = make_denoiser("mixture")
+        self.schedule = self.inner.schedule
+        self.scale = torch.nn.Parameter(torch.tensor(scale, dtype=torch.float64))
+
+    def forward(self, x, t):
+        return self.inner(x, t) * self.scale.to(x.dtype)
+
+
+def test_a_run_folder_is_never_reused_for_another_model(tmp_path):
+    """The manifest fingerprints an nn.Module denoiser's weights and records the schedule: another
+    model (or schedule) in the same run folder is refused, the same weights in a new object reuse
+    every chunk, and a denoiser fewstep cannot fingerprint needs a model_id."""
+    ref = reference_stats("digits:test", "digits", cache_dir=False)
+    kw = dict(shape=(1, 8, 8), reference=ref, num_samples=8, batch_size=8, samplers=["ddim", "dpmpp_2m"], nfes=[2],
+              run_dir=tmp_path / "run", progress=False, kid_subsets=2, sampler_options={"ddim": {"eta": 1.0}})
+    first = fid_per_nfe(Scaled(1.0), **kw)
+    assert first.generated == 16
+    # ddim with eta = 1 draws noise: the row says so (from the run, not from the registry's default)
+    assert first.row("ddim", 2).stochastic and not first.row("dpmpp_2m", 2).stochastic
+    again = fid_per_nfe(Scaled(1.0), **kw)  # the same weights, another object: every chunk is reused
+    assert again.generated == 0 and again.row("ddim", 2).fid == first.row("ddim", 2).fid and again.row("ddim", 2).stochastic
+    with pytest.raises(ValueError, match="different settings.*model"):
+        fid_per_nfe(Scaled(0.9), **kw)
+    other_schedule = Scaled(1.0)
+    from fewstep.schedules import VPDiscrete, diffusers_betas
+
+    other_schedule.schedule = VPDiscrete.from_betas(diffusers_betas(1000, 1e-4, 0.02, "scaled_linear"))
+    with pytest.raises(ValueError, match="different settings.*schedule"):
+        fid_per_nfe(other_schedule, **kw)
+    with pytest.raises(ValueError, match="model_id"):
+        fid_per_nfe(make_denoiser("mixture"), **{**kw, "run_dir": tmp_path / "plain"})
+    assert fid_per_nfe(make_denoiser("mixture"), **{**kw, "run_dir": None}).generated == 16  # a temporary folder is fine
+
+
 @pytest.mark.parametrize("model", ["mixture", "unet"])
 def test_batch_size_does_not_change_the_samples(tmp_path, model):
     # The same grid with batch sizes 16 and 64.  With the exact mixture (a denoiser whose float64
@@ -82,7 +139,8 @@ def test_batch_size_does_not_change_the_samples(tmp_path, model):
     tables = {}
     for bs in (16, 64):
         tables[bs] = fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=NUM_SAMPLES, batch_size=bs,
-                                 run_dir=tmp_path / f"bs{bs}", keep_images=NUM_SAMPLES, progress=False, kid_subsets=5, **GRID)
+                                 run_dir=tmp_path / f"bs{bs}", keep_images=NUM_SAMPLES, progress=False, kid_subsets=5,
+                                 model_id=model, **GRID)
     for name in GRID["samplers"]:
         for nfe in GRID["nfes"]:
             a, b = tables[16].images(name, nfe), tables[64].images(name, nfe)
@@ -98,7 +156,7 @@ def test_batch_size_does_not_change_the_samples(tmp_path, model):
     # Different samplers start from the same noise per index: at NFE 1 DDIM and DPM-Solver++(2M)
     # take the same single step, so their samples coincide.
     one = fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=8, batch_size=8, samplers=["ddim", "dpmpp_2m"],
-                      nfes=[1], run_dir=tmp_path / "one", keep_images=8, progress=False, kid_subsets=2)
+                      nfes=[1], run_dir=tmp_path / "one", keep_images=8, progress=False, kid_subsets=2, model_id=model)
     assert torch.equal(one.images("ddim", 1), one.images("dpmpp_2m", 1))
 
 
@@ -162,7 +220,7 @@ def test_table_contents_and_errors(tmp_path):
     den = NanBelow(make_denoiser("mixture"), t_bad=50.0)
     ref = reference_stats("digits:test", "digits", cache_dir=False)
     table = fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=96, batch_size=48, samplers=["dpmpp_2s", "ddim"],
-                        nfes=[1, 2, 10], run_dir=tmp_path / "run", progress=False, kid_subsets=10)
+                        nfes=[1, 2, 10], run_dir=tmp_path / "run", progress=False, kid_subsets=10, model_id="nan-below-50")
     # NFE 10 evaluates below t = 50 and gets NaN: that cell becomes an error row, the rest runs.
     bad = table.row("ddim", 10)
     assert math.isnan(bad.fid) and "NaN" in bad.error and (tmp_path / "run/cells/ddim-nfe10/error.json").is_file()
@@ -174,6 +232,6 @@ def test_table_contents_and_errors(tmp_path):
     assert table.images("ddim", 2).shape == (64, 1, 8, 8)  # keep_images defaults to 64
     with pytest.raises(ValueError, match="different settings"):
         fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=50, samplers=["ddim"], nfes=[2],
-                    run_dir=tmp_path / "run", progress=False)
+                    run_dir=tmp_path / "run", progress=False, model_id="nan-below-50")
     with pytest.raises(ValueError, match="did you mean"):
         fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=50, samplers=["dim"], nfes=[2], progress=False)

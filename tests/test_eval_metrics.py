@@ -26,7 +26,6 @@ def test_frechet_agrees_with_cleanfid_on_the_same_features():
         (m1, s1), (m2, s2) = gaussian_stats(f1), gaussian_stats(f2)
         theirs = cleanfid_frechet(m1, s1, m2, s2)
         assert ours == pytest.approx(theirs, rel=1e-8)
-        assert frechet_distance_from_features(f1, f1) < 1e-6
 
 
 def test_frechet_on_singular_covariances_matches_the_reduced_problem():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fewstep.cli import main
 from fewstep.eval import features as F
@@ -63,3 +64,67 @@ def test_report_errors_are_clear(tmp_path, monkeypatch):
     assert r.returncode == 2 and F.INCEPTION_FILE in r.stderr and F.INCEPTION_ENV in r.stderr
     assert main(["report", "--model", str(tmp_path), "--quiet", "--no-exact", "--out", str(tmp_path / "r")]) == 2
     assert main(["report", "--model", "fid_worker:mixture_denoiser", "--quiet", "--no-exact", "--out", str(tmp_path / "r")]) == 2
+
+
+class _BrokenModel:
+    """Stands in for the exact mixture with a denoiser that misbehaves in a given way."""
+
+    def __init__(self, inner, how):
+        self.inner, self.how = inner, how
+
+    def denoiser(self, schedule):
+        den = self.inner.denoiser(schedule)
+
+        def broken(x, t):
+            out = den(x, t)
+            return out * float("nan") if self.how == "nan" else out[:, :-1]
+
+        return broken
+
+
+def test_exact_study_records_budgets_and_non_finite_runs_and_raises_the_rest(digits_mixture):
+    """Only what the sampler cannot run with (a ValueError of fewstep.samplers.prepare) becomes an
+    error row; a non-finite run is a distinct error row; anything else (here a denoiser returning
+    the wrong shape) propagates.  ``stochastic`` follows the options of the run."""
+    import dataclasses
+    import math
+
+    from fewstep.eval.exact import ExactStudy, default_schedule
+
+    noise = torch.randn(8, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    study = ExactStudy(digits_mixture, default_schedule(), noise, torch.zeros_like(noise), 0.0)  # reference unused here
+    budget = study.evaluate("ddim", 0)
+    assert "at least nfe=1" in budget.error and math.isnan(budget.rmse)
+    ok = study.evaluate("ddim", 4)
+    assert not ok.error and math.isfinite(ok.rmse) and not ok.stochastic
+    assert study.evaluate("ddim", 4, eta=1.0).stochastic
+    nan = dataclasses.replace(study, model=_BrokenModel(digits_mixture, "nan")).evaluate("ddim", 4)
+    assert nan.error.startswith("non-finite") and nan.rmse == math.inf
+    with pytest.raises(ValueError, match="shape"):
+        dataclasses.replace(study, model=_BrokenModel(digits_mixture, "shape")).evaluate("ddim", 4)
+
+
+def test_model_spec_refuses_latent_pipelines_and_fingerprints_python_modules(tmp_path, monkeypatch):
+    from fewstep.eval.model_spec import resolve_model
+
+    latent = tmp_path / "sd"
+    latent.mkdir()
+    (latent / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    with pytest.raises(ValueError, match="latent diffusion pipeline.*VAE"):
+        resolve_model(str(latent))
+    assert main(["report", "--model", str(latent), "--reference", "digits:test", "--quiet", "--no-exact",
+                 "--out", str(tmp_path / "r")]) == 2
+    # module:attr naming an nn.Module: the model_id follows its weights
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "from fewstep.models.embedded import digits_denoiser\n"
+        "den = digits_denoiser()\n"
+        "den.sample_shape = (1, 8, 8)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = resolve_model("my_models:den")
+    assert first.model_id.startswith("callable-my_models:den-") and resolve_model("my_models:den").model_id == first.model_id
+    with torch.no_grad():
+        next(first.denoiser.parameters()).add_(1e-3)
+    assert resolve_model("my_models:den").model_id != first.model_id

@@ -9,8 +9,6 @@ import torch
 import fewstep
 from fewstep.samplers.momentum import ghvb_coefficients
 
-kd = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is a dev dependency")
-
 
 @pytest.fixture(scope="module")
 def setting(digits_mixture, ddpm_schedule):
@@ -36,6 +34,7 @@ def test_beta_one_is_the_base_solver(setting, nfe):
 
 @pytest.mark.parametrize("nfe", [6, 15])
 def test_hb_plms_without_momentum_equals_k_diffusion_lms(setting, ddpm_schedule, digits_mixture, nfe):
+    kd = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is a dev dependency")
     den, noise = setting
     grid = fewstep.samplers.prepare("hb_plms", nfe, ddpm_schedule).grid.tolist()
     rho = torch.tensor([ddpm_schedule.sigma(t) / ddpm_schedule.alpha(t) for t in grid], dtype=torch.float64)

@@ -142,3 +142,57 @@ def test_dpmpp_2m_karras_equals_k_diffusion(steps):
     # and our own karras spacing gives the same grid to float32 precision
     out2 = fewstep.sample(den, noise, "dpmpp_2m", steps, schedule=EDM(0.002, 80.0), spacing="karras")
     assert rel(out2, ref) < 1e-5
+
+
+ZSNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+
+
+@pytest.mark.parametrize("steps", [4, 10, 20])
+def test_ddim_equals_diffusers_at_zero_terminal_snr(eps_net, x_T, steps):
+    # DDIMScheduler keeps alphas_cumprod[999] = 0: both start exactly at zero SNR (x0 = -v there)
+    sch = DDIMScheduler(clip_sample=False, **ZSNR)
+    assert float(sch.alphas_cumprod[-1]) == 0.0
+    ref = _diffusers_loop(sch, eps_net, x_T, steps)
+    den = PredictionDenoiser(eps_net, from_diffusers(sch.config), "v_prediction")
+    assert den.schedule.alpha(999.0) == 0.0
+    out = fewstep.sample(den, x_T, "ddim", steps, spacing=_grid(sch, -1.0))
+    assert rel(out, ref) < TOL
+
+
+def _clamped_like(sch, grid):
+    """DPMSolverMultistepScheduler replaces the zero terminal alphas_cumprod by 2**-24, which is
+    larger than alphas_cumprod[996..998] (the clamped table is not monotone, so it is no schedule).
+    A VPDiscrete equal to diffusers' table at every timestep of the grid: alphas_cumprod[999] =
+    2**-24, and the entries strictly between the grid's last timestep below 999 and 999, which
+    neither implementation uses, interpolated geometrically so the table decreases."""
+    import math
+
+    from fewstep.schedules import VPDiscrete
+
+    ac = sch.alphas_cumprod.double().clone()
+    n = len(ac) - 1
+    lo = max(int(t) for t in grid if 0 <= t < n)
+    for j in range(lo + 1, n):
+        w = (j - lo) / (n - lo)
+        ac[j] = math.exp((1 - w) * math.log(float(ac[lo])) + w * math.log(float(ac[n])))
+    return VPDiscrete(ac)
+
+
+@pytest.mark.parametrize("steps", [4, 10, 20])
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpmpp_multistep_equals_diffusers_at_zero_terminal_snr(eps_net, x_T, steps, order):
+    sch = DPMSolverMultistepScheduler(solver_order=order, **ZSNR)
+    assert float(sch.alphas_cumprod[-1]) == 2.0**-24
+    ref = _diffusers_loop(sch, eps_net, x_T, steps)
+    grid = _grid(sch, -1.0)
+    extra = {"d2_weight": 0.5} if order == 3 else {}
+    # On diffusers' own (clamped) table the two agree to float32 level.
+    den = PredictionDenoiser(eps_net, _clamped_like(sch, grid.tolist()), "v_prediction")
+    assert rel(fewstep.sample(den, x_T, f"dpmpp_{order}m", steps, spacing=grid, **extra), ref) < TOL
+    # The true zero-SNR schedule (alpha = 0 at t = 999, which fewstep handles exactly) differs from
+    # the clamp by alpha_999 = 2**-12 in the first prediction and in the first step's log-SNR
+    # ratio: measured 5.5e-3 relative at 4 steps, 2.7e-4 / 5.0e-4 at 10 and 1.5e-4 at 20.
+    exact = PredictionDenoiser(eps_net, from_diffusers(sch.config), "v_prediction")
+    assert exact.schedule.alpha(999.0) == 0.0
+    out = fewstep.sample(exact, x_T, f"dpmpp_{order}m", steps, spacing=grid, **extra)
+    assert rel(out, ref) < 1e-2 and (steps == 4 or rel(out, ref) < 1e-3)

@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler
 import fewstep
 from fewstep.models import PredictionDenoiser
 from fewstep.samplers import NonFiniteError
+from fewstep.samplers.core import NoiseSource
 from fewstep.schedules import EDM, FlowMatching, VPContinuous, from_diffusers
 
 from conftest import CountingDenoiser
@@ -192,6 +193,37 @@ def test_stochastic_samplers_use_the_generator(digits_mixture):
     a = fewstep.sample(den, noise, "dpmpp_2m_sde", 6, eta=0.0)
     b = fewstep.sample(den, noise, "dpmpp_2m", 6)
     assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+class NoNoise(NoiseSource):
+    """A noise source that fails the test if a sampler draws from it."""
+
+    def randn_like(self, x):
+        raise AssertionError("a deterministic program drew noise")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registry_stochastic_flag_is_the_default_options_program(name, digits_mixture):
+    """``spec.stochastic`` describes the sampler under its default options; the program (and
+    ``SampleInfo.stochastic``) follows the options actually used, and deterministic runs never
+    touch the noise source."""
+    s = fewstep.spec(name)
+    program = fewstep.samplers.prepare(name, max(4, s.min_nfe), DDPM)
+    assert program.stochastic == s.stochastic
+    if not s.needs:
+        den = digits_mixture.denoiser(DDPM)
+        noise = torch.randn(2, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1) if s.stochastic else NoNoise()
+        _, info = fewstep.sample(den, noise, name, max(4, s.min_nfe), generator=gen, return_info=True)
+        assert info.stochastic == s.stochastic
+
+
+def test_options_decide_whether_a_run_is_stochastic():
+    for name, opts, stochastic in (("ddim", {"eta": 1.0}, True), ("ddim", {}, False), ("ctm", {"gamma": 0.5}, True),
+                                   ("ctm", {}, False), ("tcd", {"gamma": 0.0}, False), ("cm_multistep", {}, True)):
+        assert fewstep.samplers.prepare(name, 4, DDPM, **opts).stochastic == stochastic, (name, opts)
+    assert fewstep.samplers.prepare("cm_multistep", 1, DDPM).stochastic is False  # one step: nothing to re-noise
+    assert "gamma > 0 re-noises (stochastic)" in fewstep.spec("ctm").summary
 
 
 def test_conditioning_reaches_the_network_and_callback_sees_every_eval(eps_net):

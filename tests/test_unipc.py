@@ -146,3 +146,32 @@ def test_fitted_ratios_refuse_another_budget_or_grid(study):
         fewstep.sample(den, noise, "dc_unipc_2", 5, dc_ratios=[1.0, 0.9, 1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="is what fit_dc_ratios computes"):
         fit_dc_ratios(den, noise, "dc_unipc_2", 5, dc_ratios=[1.0] * 5)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dc_with_a_ratio_other_than_one_is_first_order(digits_mixture, order):
+    """The trade DC-Solver makes, measured in the setting of tests/test_convergence.py: a ratio
+    rho != 1 moves the compensated prediction by (1 - rho) h, so with a fixed ratio 0.9 the error
+    falls like NFE^-1 (measured slope 1.02 for both orders), where ratio 1 (plain UniPC) falls like
+    NFE^-(order+1) (measured 2.9 and 4.3).  Hence the registry's order=1 for dc_unipc_*."""
+    import numpy as np
+
+    from fewstep.schedules import VPContinuous
+
+    sched = VPContinuous("linear", t_min=1e-3)
+    noise = torch.randn(32, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = digits_mixture.ode_solve(noise, sched, sched.t_max, sched.t_min)
+    den = digits_mixture.denoiser(sched)
+    nfes = [128, 192, 288, 432]
+
+    def slope(ratio):
+        errs = []
+        for n in nfes:
+            out = fewstep.sample(den, noise, f"dc_unipc_{order}", n, spacing="logsnr", end="min", lower_order_final=False,
+                                 dc_ratios=[1.0, 1.0] + [ratio] * (n - 2))
+            errs.append(float(torch.sqrt(torch.mean((out - ref) ** 2))))
+        return -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
+
+    assert abs(slope(0.9) - 1.0) < 0.2
+    assert slope(1.0) > order + 0.5
+    assert fewstep.spec(f"dc_unipc_{order}").order == 1

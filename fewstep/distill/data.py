@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fewstep._util import image_files, load_images, seeded_generator
+
 __all__ = [
     "sample_generators",
     "randn",
@@ -30,12 +32,10 @@ __all__ = [
 
 
 def sample_generators(seed: int, step: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per global sample index, seeded by ``SeedSequence([seed, step, index])``."""
-    gens = []
-    for i in indices:
-        state = np.random.SeedSequence([int(seed), int(step), int(i)]).generate_state(2, dtype=np.uint32)
-        gens.append(torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1])))
-    return gens
+    """One CPU generator per global sample index, seeded from the key ``("distill-sample", seed,
+    step, index)`` (:func:`fewstep._util.seeded_generator`: a hash, so no two keys share a
+    stream by construction)."""
+    return [seeded_generator("distill-sample", seed, step, i) for i in indices]
 
 
 def randn(gens: Sequence[torch.Generator], shape: Sequence[int], device: Any = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -110,21 +110,8 @@ class MixtureData:
         return x.reshape(len(gens), *self.shape).to(device=device, dtype=self.dtype), {}
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 def load_image_folder(folder: Any, size: int, channels: int) -> torch.Tensor:
-    """The images of a folder (sorted by name) as (N, C, size, size) float32 in [-1, 1], converted
-    to grey (``channels=1``) or RGB and resized with bicubic filtering."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    mode = "L" if channels == 1 else "RGB"
-    arrays = [np.asarray(Image.open(p).convert(mode).resize((size, size), Image.BICUBIC), dtype=np.float32) for p in files]
-    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
-    return x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
+    """The images under a folder (searched recursively, sorted by relative path; the extensions of
+    :data:`fewstep._util.IMAGE_EXTENSIONS`) as (N, C, size, size) float32 in [-1, 1], converted to
+    grey (``channels=1``) or RGB and resized with bicubic filtering."""
+    return load_images(image_files(folder), mode="L" if channels == 1 else "RGB", size=size)

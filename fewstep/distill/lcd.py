@@ -50,6 +50,9 @@ class GuidedTeacher(torch.nn.Module):
         self.schedule = getattr(teacher, "schedule", None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, guidance_scale: Any = 1.0, **cond: Any) -> torch.Tensor:
+        """``D_u + w (D_c - D_u)`` at ``(x, t)`` with ``w = guidance_scale`` (a number or a (B,)
+        tensor, diffusers' convention) and the conditional inputs ``cond``; one batched teacher
+        call for both branches."""
         return ClassifierFreeGuidance(self.teacher, guidance_scale, self.uncond)(x, t, **cond)
 
 
@@ -104,27 +107,33 @@ class LCD(CD):
         self._guided: GuidedTeacher | None = None  # built on first use, on the teacher's device
 
     def draw_extras(self, batch: Batch) -> dict[str, Any]:
+        """The guidance scale ``w``, uniform on ``guidance_range``, one per sample."""
         lo, hi = self.guidance_range
         w = lo + (hi - lo) * rand(batch.gens)
         return {"guidance_scale": w.to(batch.x0.device, torch.float32)}
 
     def network_cond(self, batch: Batch, extras: dict[str, Any]) -> dict[str, Any]:
+        """The student's (and target's) inputs: the conditioning, plus ``w`` when it is embedded."""
         if self.guidance_embedding:
             return {**batch.cond, "guidance_scale": extras["guidance_scale"]}
         return dict(batch.cond)
 
     def teacher_denoiser(self, models: Models) -> Any:
+        """The teacher under classifier-free guidance (:class:`GuidedTeacher`), built once per teacher."""
         if self._guided is None or self._guided.teacher is not models.teacher:
             self._guided = GuidedTeacher(models.teacher, {k: v.to(_device(models)) for k, v in self.uncond.items()})
         return self._guided
 
     def teacher_cond(self, batch: Batch, extras: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's inputs: the conditioning and the per-sample guidance scale."""
         return {**batch.cond, "guidance_scale": extras["guidance_scale"]}
 
     def sampler_options(self) -> dict[str, Any]:
+        """``lcm``'s ``original_inference_steps``: the coarse DDIM grid the student was trained on."""
         return {"original_inference_steps": self.num_intervals}
 
     def describe(self) -> dict[str, Any]:
+        """The CD description plus the skip and the guidance convention."""
         return {
             **super().describe(),
             "skip": self.skip,

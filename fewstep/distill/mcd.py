@@ -42,6 +42,7 @@ class MCD(CD):
         self.per_segment = num_intervals // segments
 
     def edges(self, grid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The lower edge of each interval's segment (a grid index)."""
         return torch.div(n, self.per_segment, rounding_mode="floor") * self.per_segment
 
     def edge_times(self) -> list[float]:
@@ -49,7 +50,9 @@ class MCD(CD):
         return self.grid[:: self.per_segment].flip(0).tolist()
 
     def sampler_options(self) -> dict[str, Any]:
+        """``mcd``'s ``edges``: the segment edges the student was trained on."""
         return {"edges": self.edge_times()}
 
     def describe(self) -> dict[str, Any]:
+        """The CD description plus the segments."""
         return {**super().describe(), "segments": self.segments, "edges": self.edge_times()}

@@ -16,11 +16,20 @@ type, :func:`fewstep.models.to_x0`), ``tau`` is the timestep the network is fed
 ``c_skip(t_b) = 1`` and ``c_out(t_b) = 0`` exactly; far from the boundary ``c_out -> 1``, so a
 student initialised from its teacher starts as the teacher's data prediction.
 
+``u`` is measured in *model timesteps*, not in noise level, so one ``kappa`` means different things
+on different schedules: ``tau`` is the training index on ``VPDiscrete`` (0 .. N-1), ``1000 t`` on
+``VPContinuous``, ``N t`` on ``FlowMatching`` and ``sigma`` itself on ``EDM``.  For example
+``kappa = 1`` on DDPM's discrete schedule gives ``c_skip = 0.2`` one timestep above the boundary,
+where ``sigma / alpha`` is only about 0.014.
+
 * ``kappa = 10``, ``t_b = 0`` on a discrete VP schedule is exactly LCM's (and diffusers'
-  ``LCMScheduler``'s) boundary condition (``timestep_scaling = 10``).
-* ``kappa = 1`` on an EDM schedule with ``t_b = sigma_min`` gives CM's ``c_skip``; ``c_out`` differs
-  from CM's ``sigma_d (sigma - sigma_min) / sqrt(sigma^2 + sigma_d^2)`` because ``F_theta`` here is
-  a data prediction, not a unit-variance raw output.
+  ``LCMScheduler``'s) boundary condition (``timestep_scaling = 10``); the LCD objective uses it.
+  The CD objective's default keeps ``kappa = 10`` with ``t_b`` the first point of its grid (on a
+  discrete VP schedule ending on clean data: ``t_b = -1``, the clean-data time).
+* ``kappa = 1`` on an EDM schedule (``tau = sigma``) with ``t_b = sigma_min`` gives CM's ``c_skip``;
+  ``c_out`` differs from CM's ``sigma_d (sigma - sigma_min) / sqrt(sigma^2 + sigma_d^2)`` because
+  ``F_theta`` here is a data prediction, not a unit-variance raw output.  On the other schedules
+  ``kappa = 1`` is *not* CM's condition in noise-level units.
 
 A student built for latent consistency distillation also takes the guidance scale ``w`` (diffusers'
 convention: ``w = 1`` is the conditional model) and feeds the network LCM's embedding of
@@ -60,6 +69,11 @@ class BoundaryCondition:
         u = self.scale * (tau - float(schedule.model_timestep(float(self.boundary_time))))
         sd2 = self.sigma_data**2
         return sd2 / (u * u + sd2), u / torch.sqrt(u * u + sd2)
+
+    def scalar_coefficients(self, schedule: NoiseSchedule, t: float) -> tuple[float, float]:
+        """``(c_skip, c_out)`` at one time, as Python floats (the same float64 arithmetic)."""
+        c_skip, c_out = self.coefficients(schedule, torch.tensor(float(t), dtype=torch.float64))
+        return float(c_skip), float(c_out)
 
     def config(self) -> dict[str, float]:
         return asdict(self)
@@ -117,6 +131,8 @@ class ConsistencyStudent(torch.nn.Module):
         self.boundary = boundary if boundary is not None else BoundaryCondition(schedule.t_zero)
         schedule.check_time(self.boundary.boundary_time, "boundary_time")
         self.guidance_embedding_dim = guidance_embedding_dim
+        # (c_skip, c_out) per scalar time: samplers call the student at the same few times over and over
+        self._coefficient_cache: dict[float, tuple[float, float]] = {}
 
     @property
     def network(self) -> torch.nn.Module:
@@ -140,11 +156,25 @@ class ConsistencyStudent(torch.nn.Module):
         elif guidance_scale is not None:
             raise TypeError("this student has no guidance embedding; it takes no guidance_scale")
         x0 = self.denoiser(x, t, **cond)
+        if t.ndim == 0:
+            c_skip, c_out = self._scalar_coefficients(float(t))
+            return x.to(x0.dtype) * c_skip + x0 * c_out  # Python floats: no device copies (as FewstepScheduler)
         c_skip, c_out = self.boundary.coefficients(self.schedule, t)
-        shape = (-1,) + (1,) * (x.ndim - 1) if t.ndim else ()
+        shape = (-1,) + (1,) * (x.ndim - 1)
         c_skip = c_skip.to(x0.device, x0.dtype).reshape(shape)
         c_out = c_out.to(x0.device, x0.dtype).reshape(shape)
         return c_skip * x.to(x0.dtype) + c_out * x0
+
+    def _scalar_coefficients(self, t: float) -> tuple[float, float]:
+        """The boundary coefficients at one time, from a small cache (cleared when it reaches
+        1024 times, e.g. under a stream of random continuous times)."""
+        cache = self._coefficient_cache
+        got = cache.get(t)
+        if got is None:
+            if len(cache) >= 1024:
+                cache.clear()
+            got = cache[t] = self.boundary.scalar_coefficients(self.schedule, t)
+        return got
 
     def describe(self) -> dict[str, Any]:
         """Plain data for the checkpoint metadata."""

@@ -50,7 +50,7 @@ class IntervalSolver:
     """A registered deterministic diffusion sampler applied over per-sample intervals.
 
     Args:
-        sampler: registry name (``ddim``, ``dpmpp_2s``, ``dpmpp_2m``, ``heun`` once registered, ...).
+        sampler: registry name (``ddim``, ``dpmpp_2s``, ``dpmpp_2m``, ``heun``, ...).
         schedule: the teacher's schedule.
         nfe: evaluations per interval; default the sampler's ``evals_per_step`` (one step).  A
             multistep sampler (``dpmpp_2m``) on one interval with ``nfe=1`` is its first-order

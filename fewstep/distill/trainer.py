@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewstep._dist import launched_distributed
+from fewstep._util import derived_seed
 from fewstep.distill.checkpoint import CheckpointDir
 from fewstep.distill.data import DataSource, sample_generators
 from fewstep.distill.export import save_student
@@ -128,10 +130,6 @@ class _Counters:
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
 
 
-def _seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
-
-
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -206,6 +204,7 @@ class Distiller:
             if teacher.schedule.config() != schedule.config():
                 raise ValueError("the schedule given differs from the teacher's; the student must use its teacher's noise schedule")
         self.teacher = teacher
+        self.objective.bind(self.schedule, data.shape, self.config.steps)
         self.student = self._build_student(student, prediction_type, lora, guidance_embedding_dim)
         if getattr(self.objective, "guidance_embedding", False) and not self.student.guidance_embedding_dim:
             raise ValueError(
@@ -215,7 +214,6 @@ class Distiller:
             )
         self.out = Path(self.config.output_dir)
         _check_writable(self.out)
-        self.objective.bind(self.schedule, data.shape, self.config.steps)
         self.checkpoints = CheckpointDir(self.out / "checkpoints", self.config.keep_checkpoints)
 
     # -- construction ----------------------------------------------------------------------------
@@ -265,8 +263,7 @@ class Distiller:
         return ConsistencyStudent(net, self.schedule, prediction_type, self.objective_boundary(), emb)
 
     def objective_boundary(self) -> Any:
-        if self.objective.schedule is None:
-            self.objective.bind(self.schedule, self.data.shape, self.config.steps)
+        """The boundary condition the (bound) objective trains."""
         return self.objective.boundary()
 
     def _add_lora(self, net: torch.nn.Module, lora: Any) -> torch.nn.Module:
@@ -309,7 +306,7 @@ class Distiller:
 
         cfg = self.config
         state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision") not in (None, cfg.precision) and not _distributed_env():
+        if state and state.get("_mixed_precision") not in (None, cfg.precision) and not launched_distributed():
             AcceleratorState._reset_state()  # several trainers with different precisions in one process
         try:
             acc = Accelerator(mixed_precision=cfg.precision, cpu=cfg.cpu)
@@ -373,7 +370,7 @@ class Distiller:
         consecutive_bad = 0
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
-            torch.manual_seed(_seed_for(cfg.seed, rank, step))
+            torch.manual_seed(derived_seed("distill-rank", cfg.seed, rank, step))
             skipped = False
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
@@ -524,10 +521,6 @@ def _ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float) -> 
     with torch.no_grad():
         for pt, ps in zip(target.parameters(), online.parameters()):
             pt.lerp_(ps.detach().to(pt.dtype), 1.0 - mu)
-
-
-def _distributed_env() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def lcd_student_network(teacher_network: torch.nn.Module, embedding_dim: int = 256) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import torch
 import fewstep
 from fewstep.eval.frechet import frechet_distance_from_features
 from fewstep.models.mixture import GaussianMixture
+from fewstep.samplers.core import NonFiniteError, prepare
 from fewstep.schedules import NoiseSchedule, VPDiscrete, diffusers_betas
 
 __all__ = ["ExactRow", "ExactStudy", "exact_error_table", "default_exact_samplers", "default_schedule", "DEFAULT_NFES"]
@@ -35,6 +36,9 @@ def default_schedule() -> NoiseSchedule:
 
 @dataclass
 class ExactRow:
+    """One (sampler, NFE) cell: ``stochastic`` says whether this run drew fresh noise (from the
+    program, so ``ddim`` with ``eta > 0`` is stochastic); ``error`` why a cell has no numbers."""
+
     sampler: str
     nfe: int
     rmse: float
@@ -72,26 +76,37 @@ class ExactStudy:
         return cls(model, schedule, noise, reference, frechet_distance_from_features(reference, data))
 
     def evaluate(self, sampler: str, nfe: int, generator_seed: int = 1, **options) -> ExactRow:
-        spec = fewstep.spec(sampler)
+        """One row: the sampler's error against the exact ODE solution at this budget.
+
+        A budget or option set the sampler cannot run with (a ``ValueError`` from
+        :func:`fewstep.samplers.prepare`) is recorded in ``error`` with NaN numbers; a run whose
+        denoiser output or samples go non-finite is recorded with infinite numbers and
+        ``error`` starting with ``"non-finite"``.  Any other error propagates."""
+        try:
+            program = prepare(sampler, nfe, self.schedule, **options)
+        except ValueError as err:  # an impossible budget for this sampler: recorded, not fatal
+            return ExactRow(sampler, nfe, math.nan, math.nan, fewstep.spec(sampler).stochastic, 0.0, str(err))
         t0 = time.perf_counter()
         try:
-            out = fewstep.sample(
+            out, info = fewstep.sample(
                 self.model.denoiser(self.schedule),
                 self.noise,
                 sampler,
                 nfe,
+                schedule=self.schedule,
                 generator=torch.Generator().manual_seed(generator_seed),
+                return_info=True,
                 **options,
             )
-        except ValueError as err:  # an impossible budget for this sampler: recorded, not fatal
-            return ExactRow(sampler, nfe, math.nan, math.nan, spec.stochastic, 0.0, str(err))
+        except NonFiniteError as err:
+            return ExactRow(sampler, nfe, math.inf, math.inf, program.stochastic, time.perf_counter() - t0, f"non-finite: {err}")
         seconds = time.perf_counter() - t0
         out = out.to(torch.float64)
         if not bool(torch.isfinite(out).all()):
-            return ExactRow(sampler, nfe, math.inf, math.inf, spec.stochastic, seconds, "non-finite samples")
+            return ExactRow(sampler, nfe, math.inf, math.inf, info.stochastic, seconds, "non-finite samples")
         rmse = float(torch.sqrt(torch.mean((out - self.reference) ** 2)))
         fd = frechet_distance_from_features(out, self.reference)
-        return ExactRow(sampler, nfe, rmse, fd, spec.stochastic, seconds)
+        return ExactRow(sampler, nfe, rmse, fd, info.stochastic, seconds)
 
 
 def default_exact_samplers() -> list[str]:

@@ -4,7 +4,7 @@
 features and compares them with reference statistics.  How it keeps its promises:
 
 * **Seeding per sample index.**  Sample ``i`` starts from noise drawn from its own
-  ``torch.Generator`` seeded with ``SeedSequence([seed, i])`` (:func:`sample_generators`), and a
+  ``torch.Generator`` seeded from a hash of ``(seed, i)`` (:func:`sample_generators`), and a
   stochastic sampler draws its later noise for that sample from the same generator
   (``fewstep.sample(..., generator=[g_0, ..., g_{B-1}])``).  Every cell starts from the same noise
   per index (a paired comparison of samplers).  Nothing depends on which samples share a batch or a
@@ -18,8 +18,9 @@ features and compares them with reference statistics.  How it keeps its promises
   ``run_dir/cells/<cell>/chunk_<start>_<end>.npz`` atomically (temporary file, then rename) as soon
   as the batch is done; a new call with the same ``run_dir`` generates only the index ranges no
   chunk covers.  A killed run loses at most the batches in flight.  ``run_dir/manifest.json``
-  records what the samples depend on (model, shape, seed, sample count, extractor, dtype) and a
-  mismatching run folder is refused rather than mixed.
+  records what the samples depend on (the model -- its ``model_id``, or a fingerprint of an
+  ``nn.Module`` denoiser's weights and settings --, the schedule, shape, seed, sample count,
+  extractor, dtype) and a mismatching run folder is refused rather than mixed.
 * **Sharded.**  Under ``torch.distributed`` (started by ``torchrun``, by ``accelerate launch
   --multi_gpu``, which sets the same environment, or initialised by the caller, e.g. through
   ``accelerate.PartialState``; gloo on CPU) batch ``k`` of the work list goes to rank
@@ -49,6 +50,8 @@ import numpy as np
 import torch
 
 import fewstep
+from fewstep._dist import barrier, maybe_init_distributed
+from fewstep._util import module_fingerprint, seeded_generator
 from fewstep.eval.features import FeatureExtractor, get_extractor
 from fewstep.eval.frechet import frechet_distance
 from fewstep.eval.kid import kernel_inception_distance
@@ -67,44 +70,19 @@ __all__ = [
 ]
 
 _MANIFEST = "manifest.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: the model is fingerprinted and the schedule recorded
 
 
 def sample_generators(seed: int, start: int, end: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One ``torch.Generator`` per sample index in ``[start, end)``, seeded with
-    ``numpy.random.SeedSequence([seed, index])`` (independent streams whatever the indices)."""
-    gens = []
-    for i in range(start, end):
-        words = np.random.SeedSequence([int(seed), int(i)]).generate_state(2, dtype=np.uint32)
-        gens.append(torch.Generator(device=device).manual_seed(int(words[0]) << 32 | int(words[1])))
-    return gens
+    """One ``torch.Generator`` per sample index in ``[start, end)``, seeded from the key
+    ``("fid-sample", seed, index)`` (:func:`fewstep._util.seeded_generator`: a hash, so every
+    index has its own stream whatever the indices)."""
+    return [seeded_generator("fid-sample", seed, i, device=device) for i in range(start, end)]
 
 
 def sample_noise(seed: int, start: int, end: int, shape: Sequence[int]) -> torch.Tensor:
     """The starting noise of samples ``[start, end)``: (end - start, *shape) float32."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in sample_generators(seed, start, end)])
-
-
-def maybe_init_distributed() -> tuple[int, int]:
-    """``(rank, world_size)``; initialises the default process group (gloo, or nccl when CUDA is
-    available) if a launcher (``torchrun``, ``accelerate launch --multi_gpu``) set
-    ``WORLD_SIZE > 1`` and nobody initialised it yet.  (``accelerate launch --cpu`` starts one
-    process; its multi-CPU mode goes through MPI, whose state ``accelerate.PartialState()``
-    initialises: call that first.)"""
-    import torch.distributed as dist
-
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def cell_key(sampler: str, nfe: int, options: Mapping[str, Any] | None = None) -> str:
@@ -209,6 +187,31 @@ def _missing(covered: Iterable[tuple[int, int]], n: int, batch_size: int) -> lis
     return out
 
 
+def _model_key(denoiser: Any, model_id: str | None, temporary: bool) -> str:
+    """What identifies the model in the manifest: ``model_id``, else a fingerprint of an
+    ``nn.Module`` denoiser; a run folder that outlives the call needs one of the two."""
+    if model_id is not None:
+        return str(model_id)
+    if isinstance(denoiser, torch.nn.Module):
+        return f"{type(denoiser).__name__}-{module_fingerprint(denoiser)[:16]}"
+    if temporary:
+        return type(denoiser).__name__
+    raise ValueError(
+        f"pass model_id=... to name the model in {_MANIFEST}: the denoiser ({type(denoiser).__name__}) is not a "
+        "torch.nn.Module whose weights fewstep could fingerprint, and a run folder is only reused for the same model "
+        "(change the model_id whenever the model changes)"
+    )
+
+
+def _schedule_key(schedule: Any) -> str:
+    """A digest of the schedule's plain-data description (its repr where it has none)."""
+    try:
+        text = json.dumps(schedule.config(), sort_keys=True, default=str)
+    except NotImplementedError:
+        text = repr(schedule)
+    return f"{type(schedule).__name__}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def _check_manifest(run_dir: Path, manifest: dict[str, Any], rank: int) -> None:
     path = run_dir / _MANIFEST
     if path.is_file():
@@ -275,7 +278,11 @@ def fid_per_nfe(
         run_dir: where samples' features are kept between runs (resume); default a temporary
             folder removed at the end.
         model_id: a string naming the model in the manifest (a run folder is only reused for the
-            same model); default the denoiser's class name.
+            same model; it must change whenever the weights change).  Default: for an
+            ``nn.Module`` denoiser, a fingerprint of its state dict and settings
+            (:func:`fewstep._util.module_fingerprint`, which reads every weight once: pass a
+            ``model_id`` to skip that for a large model); other denoisers need an explicit
+            ``model_id`` when a ``run_dir`` is given.
         sampler_options: per-sampler solver options, ``{"ddim": {"eta": 1.0}}``.
         device, dtype: where and in what dtype the network runs (noise is drawn on the CPU).
         keep_images: how many of the first samples of each cell to keep as images (sample grids).
@@ -308,7 +315,8 @@ def fid_per_nfe(
     run = Path(run_dir)
     manifest = {
         "format": _FORMAT,
-        "model": model_id or type(denoiser).__name__,
+        "model": _model_key(denoiser, model_id, temporary=temp is not None),
+        "schedule": _schedule_key(schedule),
         "shape": list(shape),
         "seed": int(seed),
         "num_samples": num_samples,
@@ -318,12 +326,13 @@ def fid_per_nfe(
     try:
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
         _check_manifest(run, manifest, rank)
 
         # Plan: which cells are possible, which index ranges are missing.
         cells: dict[tuple[str, int], str] = {}
         errors: dict[tuple[str, int], str] = {}
+        stochastic: dict[tuple[str, int], bool] = {}  # whether the cell's program draws noise (its options)
         work: list[tuple[str, int, int, int]] = []
         for name in samplers:
             fewstep.spec(name)  # an unknown name fails here, before any work
@@ -332,7 +341,7 @@ def fid_per_nfe(
                 key = cell_key(name, int(nfe), opts)
                 cells[(name, int(nfe))] = key
                 try:
-                    prepare(name, int(nfe), schedule, **opts)
+                    stochastic[(name, int(nfe))] = prepare(name, int(nfe), schedule, **opts).stochastic
                 except ValueError as err:
                     errors[(name, int(nfe))] = str(err)
                     continue
@@ -342,7 +351,7 @@ def fid_per_nfe(
                     continue
                 for s, e in _missing(_covered(folder), num_samples, batch_size):
                     work.append((name, int(nfe), s, e))
-        _barrier()  # every rank planned from the same files
+        barrier()  # every rank planned from the same files
 
         mine = [w for k, w in enumerate(work) if k % world == rank]
         tick, close = _as_progress(progress, len(mine), rank)
@@ -358,10 +367,11 @@ def fid_per_nfe(
                 t0 = time.perf_counter()
                 try:
                     with torch.no_grad():
-                        x = fewstep.sample(
+                        x, info = fewstep.sample(
                             denoiser, noise.to(device=device, dtype=dtype), name, nfe,
-                            schedule=schedule, generator=gens, **options.get(name, {}),
+                            schedule=schedule, generator=gens, return_info=True, **options.get(name, {}),
                         )
+                    stochastic[(name, nfe)] = info.stochastic
                 except (NonFiniteError, FloatingPointError) as err:
                     atomic_write_bytes(folder / "error.json", json.dumps({"error": str(err)}).encode())
                     failed.add((name, nfe))
@@ -378,19 +388,19 @@ def fid_per_nfe(
                 tick(f"{name} nfe={nfe} [{start}, {end})")
         finally:
             close()
-        _barrier()
+        barrier()
 
         # Every rank reads all chunks and computes the same table.
         rows = []
         for name in samplers:
-            stochastic = fewstep.spec(name).stochastic
             for nfe in nfes:
                 key, nfe = cells[(name, int(nfe))], int(nfe)
+                stoch = stochastic.get((name, nfe), fewstep.spec(name).stochastic)
                 folder = run / "cells" / key
                 if (folder / "error.json").is_file() and (name, nfe) not in errors:
                     errors[(name, nfe)] = json.loads((folder / "error.json").read_text())["error"]
                 if (name, nfe) in errors:
-                    rows.append(FidRow(name, nfe, math.nan, math.nan, math.nan, 0, math.nan, stochastic, errors[(name, nfe)]))
+                    rows.append(FidRow(name, nfe, math.nan, math.nan, math.nan, 0, math.nan, stoch, errors[(name, nfe)]))
                     continue
                 chunks = _read_chunks(folder)
                 stats, feats, seconds, count = RunningStats(), [], 0.0, 0
@@ -407,7 +417,7 @@ def fid_per_nfe(
                 kid = kid_std = math.nan
                 if reference.features is not None:
                     kid, kid_std = kernel_inception_distance(np.concatenate(feats), reference.features, kid_subsets, kid_subset_size)
-                rows.append(FidRow(name, nfe, fid, kid, kid_std, num_samples, seconds / num_samples, stochastic))
+                rows.append(FidRow(name, nfe, fid, kid, kid_std, num_samples, seconds / num_samples, stoch))
         ref_info = {"source": reference.source, "num_samples": reference.num_samples, "extractor": reference.extractor}
         table = FidTable(rows, run, ref_info, generated, ext.name, cells)
     finally:

@@ -1,16 +1,21 @@
 """Turn the ``--model`` of ``fewstep report`` into a denoiser, a sample shape and an identity.
 
 * ``"embedded"``: the shipped digits UNet (:mod:`fewstep.models.embedded`), shape (1, 8, 8);
-* a folder holding a diffusers pipeline (``model_index.json``; loaded with ``local_files_only``,
-  nothing is downloaded), shape from its UNet's config;
+* a folder holding a pixel-space diffusers pipeline (``model_index.json``; loaded with
+  ``local_files_only``, nothing is downloaded), shape from its UNet's config.  Latent pipelines
+  (a ``vae`` in ``model_index.json``) are refused: their samples are latents, which the report
+  would have to decode through the VAE before extracting features;
 * ``"module:attribute"``: a denoiser (callable ``D(x, t)`` with a ``.schedule``), or a
   zero-argument callable returning one; the shape comes from its ``sample_shape`` attribute or the
-  ``shape`` argument.
+  ``shape`` argument.  Its ``model_id`` carries a fingerprint of the weights when it is an
+  ``nn.Module`` (:func:`fewstep._util.module_fingerprint`), so a run folder is not reused after
+  the weights change; other callables are named by ``module:attribute`` only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fewstep._util import module_fingerprint
 from fewstep.eval.features import import_object
 
 __all__ = ["ResolvedModel", "resolve_model"]
@@ -38,6 +44,22 @@ def _files_fingerprint(paths: list[Path]) -> str:
         st = p.stat()
         h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]
+
+
+def _refuse_latent_pipeline(folder: Path) -> None:
+    """A pipeline with a VAE samples latents; the report extracts features from images."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder / 'model_index.json'} is not readable JSON ({err})") from None
+    if isinstance(index, dict) and index.get("vae") is not None:
+        raise ValueError(
+            f"{folder} is a latent diffusion pipeline ({index.get('_class_name', 'with a vae')}): its samples are VAE "
+            "latents, not images, and fewstep report does not decode them. Evaluate it in Python with "
+            "fewstep.eval.fid.fid_per_nfe(DiffusersDenoiser.from_pipeline(pipe), ...) and a feature extractor that "
+            "decodes the latents with the pipeline's VAE (vae.decode(z / vae.config.scaling_factor)) before "
+            "extracting features"
+        )
 
 
 def _shape(shape: Any, origin: str) -> tuple[int, ...]:
@@ -70,6 +92,7 @@ def resolve_model(
         folder = Path(spec)
         if not (folder / "model_index.json").is_file():
             raise ValueError(f"{folder} is not a saved diffusers pipeline (no model_index.json); save one with pipeline.save_pretrained(folder)")
+        _refuse_latent_pipeline(folder)
         from diffusers import DiffusionPipeline
 
         from fewstep.models.diffusers_models import DiffusersDenoiser
@@ -98,7 +121,10 @@ def resolve_model(
             shape = getattr(obj, "sample_shape", None)
         if shape is None:
             raise ValueError(f"give the sample shape of {spec!r} (--shape C,H,W), or set a sample_shape attribute on it")
-        return ResolvedModel(obj, _shape(shape, "the sample shape"), f"callable-{spec.strip()}", f"{spec} (Python)")
+        model_id = f"callable-{spec.strip()}"
+        if isinstance(obj, torch.nn.Module):
+            model_id += f"-{module_fingerprint(obj)[:12]}"
+        return ResolvedModel(obj, _shape(shape, "the sample shape"), model_id, f"{spec} (Python)")
     raise ValueError(
         f"unknown model {spec!r}: use 'embedded', a folder holding a saved diffusers pipeline, or 'module:attribute' "
         "naming a denoiser"

@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewstep._dist import rank_world
+from fewstep._util import IMAGE_EXTENSIONS, image_files, load_images
 from fewstep.eval.features import FeatureExtractor, get_extractor
 from fewstep.eval.stats import RunningStats, as_features, atomic_savez
 
 __all__ = ["ReferenceStats", "reference_stats", "default_cache_dir", "image_files", "load_images", "IMAGE_EXTENSIONS"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CACHE_ENV = "FEWSTEP_CACHE"
 _DIGITS_SPLITS = {"digits": None, "digits:all": None, "digits:train": "train", "digits:test": "test"}
 
@@ -103,35 +104,6 @@ class ReferenceStats:
             )
 
 
-def image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted by relative path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    return files
-
-
-def load_images(files: Sequence[Path]) -> torch.Tensor:
-    """Image files to a float32 tensor (N, C, H, W) in [-1, 1]: 8-bit grey images as one channel,
-    everything else converted to RGB (PIL); all images must have the same size."""
-    from PIL import Image
-
-    arrays = []
-    for p in files:
-        with Image.open(p) as im:
-            im = im if im.mode == "L" else im.convert("RGB")
-            a = np.asarray(im, dtype=np.uint8)
-        arrays.append(a[:, :, None] if a.ndim == 2 else a)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"images in a folder must share one size and mode; found {sorted(shapes)}; resize them first")
-    u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return u8.to(torch.float32) / 127.5 - 1.0
-
-
 def _folder_key(folder: Path, files: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in files:
@@ -144,14 +116,6 @@ def _tensor_key(images: torch.Tensor) -> str:
     t = images.detach().to("cpu", torch.float32).contiguous()
     h = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
     return f"tensor-{'x'.join(map(str, t.shape[1:]))}-{h}-n{t.shape[0]}"
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _batches(n: int, batch_size: int, rank: int, world: int) -> Iterator[tuple[int, int]]:
@@ -168,7 +132,7 @@ def _extract(
     gathered in index order on every process."""
     from tqdm.auto import tqdm
 
-    rank, world = _dist()
+    rank, world = rank_world()
     mine = list(_batches(n, batch_size, rank, world))
     parts = []
     for start, end in tqdm(mine, desc=desc, disable=not progress or rank != 0, leave=False):
@@ -238,7 +202,7 @@ def reference_stats(
             return ref
     features = _extract(n, get, ext, batch_size, progress, f"reference features ({key})")
     ref = ReferenceStats.from_features(features, ext.name, key)
-    rank, _ = _dist()
+    rank, _ = rank_world()
     if path is not None and rank == 0:
         ref.save(path)
     return ref

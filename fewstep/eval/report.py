@@ -124,11 +124,14 @@ def _plain_log_axes(ax, nfe_ticks: Sequence[int] | None = None) -> None:
 
 
 def _plot_lines(ax, rows: Sequence[Any], key: str, x_key: str = "nfe") -> None:
+    """One line per sampler, dashed when its runs drew noise (the rows' ``stochastic``, which
+    follows the options used, e.g. ``ddim`` with ``eta > 0``)."""
     for s in dict.fromkeys(r.sampler for r in rows):
         pts = sorted((getattr(r, x_key), getattr(r, key)) for r in rows if r.sampler == s
                      and math.isfinite(getattr(r, key)) and getattr(r, key) > 0 and math.isfinite(getattr(r, x_key)))
+        stochastic = any(r.stochastic for r in rows if r.sampler == s)
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=s, ls="--" if fewstep.spec(s).stochastic else "-")
+            ax.plot(*zip(*pts), marker="o", ms=3, label=s, ls="--" if stochastic else "-")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def exact_section(rows: Sequence[ExactRow], study: ExactStudy, out_dir: Path, me
     ]
     skipped = [r for r in rows if r.error]
     if skipped:
-        md += ["Budgets a sampler cannot meet (left blank above):", ""]
+        md += ["Cells without numbers (a budget the sampler cannot meet, or a run that went non-finite):", ""]
         md += [f"- {r.sampler} at NFE {r.nfe}: {r.error}" for r in skipped]
         md.append("")
     md.append(f"Exact-mixture study: {meta['seconds']:.1f} s.")

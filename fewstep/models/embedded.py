@@ -21,9 +21,14 @@ import functools
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from fewstep.models.diffusers_models import DiffusersDenoiser
 
 from fewstep.models.mixture import digits_data
 
@@ -83,6 +88,7 @@ def digits_images(split: str | None = None, dtype: torch.dtype = torch.float32) 
 
 
 def _weights_dir() -> Path:
+    """The installed folder of the shipped weights."""
     try:
         root = importlib.resources.files(__package__ or "fewstep.models")
         return Path(str(root.joinpath(DIGITS_UNET_DIR)))
@@ -105,8 +111,9 @@ def _load_shipped() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, load_file(str(folder / _WEIGHTS))
 
 
-def digits_unet(device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-    """A fresh ``diffusers.UNet2DModel`` with the shipped weights, in eval mode.
+def digits_unet(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "UNet2DModel":
+    """A fresh ``diffusers.UNet2DModel`` with the shipped weights, in eval mode, on ``device``
+    (default CPU) and in ``dtype`` (default float32, the shipped precision).
 
     Raises ``FileNotFoundError`` naming the missing file if the weights are absent."""
     from diffusers import UNet2DModel
@@ -123,23 +130,25 @@ def digits_unet(device: torch.device | str | None = None, dtype: torch.dtype | N
     return model
 
 
-def digits_scheduler():
+def digits_scheduler() -> "DDPMScheduler":
     """``diffusers.DDPMScheduler`` of the digits UNet (linear betas 1e-4..0.02, 1000 steps, epsilon)."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**digits_scheduler_config())
 
 
-def digits_denoiser(device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-    """The digits UNet as a fewstep denoiser (:class:`fewstep.models.DiffusersDenoiser`) whose
-    schedule is :func:`fewstep.schedules.from_diffusers` of :func:`digits_scheduler`."""
+def digits_denoiser(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffusersDenoiser":
+    """The digits UNet as a fewstep denoiser (:class:`fewstep.models.DiffusersDenoiser`, epsilon
+    prediction) whose schedule is :func:`fewstep.schedules.from_diffusers` of
+    :func:`digits_scheduler`; ``device`` and ``dtype`` as for :func:`digits_unet`."""
     from fewstep.models.diffusers_models import DiffusersDenoiser
 
     return DiffusersDenoiser(digits_unet(device, dtype), digits_scheduler())
 
 
-def digits_pipeline():
-    """``diffusers.DDPMPipeline`` of the digits UNet and its DDPM scheduler (images 8x8 grey)."""
+def digits_pipeline() -> "DDPMPipeline":
+    """``diffusers.DDPMPipeline`` of the digits UNet and its DDPM scheduler (images 8x8 grey, on
+    the CPU); swap in a fewstep sampler with ``pipe.scheduler = FewstepScheduler.from_config(...)``."""
     from diffusers import DDPMPipeline
 
     return DDPMPipeline(unet=digits_unet(), scheduler=digits_scheduler())

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fewstep.models.prediction import from_x0
 from fewstep.samplers.core import Eval, NoiseSource, Point, Routine
 
 __all__ = [
@@ -315,7 +316,7 @@ def linear_multistep_routine(
                 x, d = yield Eval(x, p.t)
             hist_d = [d, *hist_d[: depth - 1]]
             if need_eps:
-                hist_eps = [combine(x, 1.0 / p.sigma, [(-p.alpha / p.sigma, d)]), *hist_eps[: depth - 1]]
+                hist_eps = [from_x0("epsilon", d, x, p.alpha, p.sigma), *hist_eps[: depth - 1]]
             x = combine(x, st.c_x, [*zip(st.w_d, hist_d), *zip(st.w_eps, hist_eps)])
             if st.c_z:
                 x.add_(noise.randn_like(x), alpha=st.c_z)

@@ -76,12 +76,13 @@ def jump_routine(steps: Sequence[JumpStep]) -> Callable[[torch.Tensor, NoiseSour
 
 
 def _steps(pts: Sequence[Point], targets: Sequence[Point], with_s: bool = False) -> list[JumpStep]:
-    """Jump from ``pts[i]`` to ``targets[i]``, then re-noise to ``pts[i+1]`` (not after the last)."""
+    """Jump from ``pts[i]`` to ``targets[i]``, then re-noise to ``pts[i+1]`` (not after the last,
+    nor where the target is ``pts[i+1]`` itself: deterministic DDIM steps such as ``mcd``'s)."""
     n = len(targets)
     out = []
     for i in range(n):
         c_x, c_d, _ = ddim_coefficients(pts[i], targets[i])
-        renoise = forward_transition(targets[i], pts[i + 1]) if i < n - 1 else None
+        renoise = forward_transition(targets[i], pts[i + 1]) if i < n - 1 and targets[i].t != pts[i + 1].t else None
         out.append(JumpStep(pts[i].t, (c_x, c_d), renoise, targets[i].t if with_s else None))
     return out
 
@@ -266,7 +267,10 @@ def _ctm_target(setup: Setup, p_next: Point, gamma: float) -> float:
     stochastic=False,
     model_kind="consistency",
     paper="Kim et al. 2024, Consistency Trajectory Models (ICLR 2024), gamma-sampling",
-    summary="CTM gamma-sampling with a model g(x, t, s=...); gamma=0 follows its jumps, gamma=1 is cm_multistep",
+    summary=(
+        "CTM gamma-sampling with a model g(x, t, s=...); gamma=0 (default) follows its jumps deterministically, "
+        "gamma > 0 re-noises (stochastic), gamma=1 is cm_multistep"
+    ),
     options={"gamma": 0.0},
     push_style=False,
     needs=("target_time",),

@@ -208,13 +208,10 @@ def _x0_transform(options: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.
 
 def _check_nfe(nfe: Any, s: SamplerSpec) -> int:
     if isinstance(nfe, bool) or not isinstance(nfe, int):
-        try:
-            import numpy as np
+        import numpy as np
 
-            if isinstance(nfe, np.integer):
-                return _check_nfe(int(nfe), s)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(nfe, np.integer):
+            return _check_nfe(int(nfe), s)
         raise TypeError(f"nfe must be an int (the number of network evaluations), got {nfe!r}")
     if nfe < s.min_nfe:
         raise ValueError(f"{s.name} needs at least nfe={s.min_nfe} network evaluations, got nfe={nfe}")

@@ -57,6 +57,11 @@ def heun_plan(num_evals: int, ends_on_data: bool, zero_snr_start: bool = False) 
     return euler_first, heun_steps
 
 
+def _zero_snr(setup: Setup, t: float) -> bool:
+    """Whether ``t`` is a zero-SNR time (``alpha = 0``, ``rho = inf``) of the setup's schedule."""
+    return setup.schedule.alpha(float(t)) == 0.0
+
+
 @register(
     name="heun",
     family="edm",
@@ -69,11 +74,9 @@ def heun_plan(num_evals: int, ends_on_data: bool, zero_snr_start: bool = False) 
 )
 def build_heun(setup: Setup) -> Program:
     to_data = setup.ends_on_data()
-    zero_snr = setup.schedule.alpha(setup.t_start if setup.t_start is not None else setup.schedule.t_max) == 0.0
     if setup.spacing is not None and not isinstance(setup.spacing, str):
         n_steps = len(setup.spacing) - 1
-        zero_snr = setup.schedule.alpha(float(setup.spacing[0])) == 0.0
-        euler_first = 1 if zero_snr else 0
+        euler_first = 1 if _zero_snr(setup, setup.spacing[0]) else 0
         needed = euler_first + 2 * (n_steps - euler_first - to_data) + to_data
         if setup.nfe != needed:
             raise ValueError(
@@ -81,10 +84,19 @@ def build_heun(setup: Setup) -> Program:
                 f"{', one for the final Euler step onto clean data' if to_data else ''}), got nfe={setup.nfe}; "
                 f"pass nfe={needed}, or a spacing name to let the budget choose the grid"
             )
+        grid = setup.grid(n_steps)
     else:
-        euler_first, heun_steps = heun_plan(setup.nfe, to_data, zero_snr)
-        n_steps = euler_first + heun_steps + (1 if to_data else 0)
-    grid = setup.grid(n_steps)
+        # Whether the grid starts at zero SNR is read from the grid itself (a setup may choose its
+        # own first time: a t_start, a leading spacing, an interval of a distillation grid); a
+        # zero-SNR start re-plans the budget with Euler first steps.
+        zero_snr = False
+        while True:
+            euler_first, heun_steps = heun_plan(setup.nfe, to_data, zero_snr)
+            n_steps = euler_first + heun_steps + (1 if to_data else 0)
+            grid = setup.grid(n_steps)
+            if zero_snr or not _zero_snr(setup, grid[0]):
+                break
+            zero_snr = True
     pts = setup.points(grid)
     intervals = []
     for i in range(n_steps):

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from fewstep.models.prediction import from_x0
 from fewstep.samplers._expint import LinearStep, combine, dpmpp_multistep_weights, multistep_orders
 from fewstep.samplers.core import Eval, NoiseSource, Point, Program, Routine, Setup
 from fewstep.samplers.deis import deis_step
@@ -53,7 +54,8 @@ def _beta(setup: Setup) -> float:
 
 
 def _eps(x: torch.Tensor, d: torch.Tensor, p: Point) -> torch.Tensor:
-    return combine(x, 1.0 / p.sigma, [(-p.alpha / p.sigma, d)])
+    """The noise prediction at ``p`` that goes with data prediction ``d``."""
+    return from_x0("epsilon", d, x, p.alpha, p.sigma)
 
 
 def heavy_ball_routine(

@@ -114,8 +114,14 @@ def table_routine(times: Sequence[float], table: Sequence[Sequence[float]]):
 
 
 def _build_table_program(setup: Setup) -> Program:
+    """Evaluation times from ``setup.spacing`` (``nfe`` times, then the end time): non-increasing,
+    as a sampler may evaluate twice at one time (Heun's second stage is the next step's first)."""
     table = _check_table(setup.options["table"], setup.nfe)
-    grid = setup.grid(setup.nfe)
+    grid = torch.as_tensor(setup.spacing, dtype=torch.float64).flatten()
+    if len(grid) != setup.nfe + 1 or not bool(torch.all(grid[1:] <= grid[:-1])):
+        raise ValueError(f"a plan needs {setup.nfe} non-increasing evaluation times and an end time, got {grid.tolist()}")
+    for t in (float(grid[0]), float(grid[-1])):
+        setup.schedule.check_time(t, "plan time")
     times = grid[:-1].tolist()
     return setup.program(grid, times, table_routine(times, table))
 

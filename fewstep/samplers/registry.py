@@ -11,7 +11,7 @@ from fewstep._util import close_matches
 if TYPE_CHECKING:
     from fewstep.samplers.core import Program, Setup
 
-__all__ = ["SamplerSpec", "register", "available", "spec", "get"]
+__all__ = ["SamplerSpec", "register", "available", "spec"]
 
 # Options every sampler accepts; they act on each data prediction (see core.x0_transform).
 COMMON_OPTIONS: dict[str, Any] = {
@@ -28,7 +28,10 @@ class SamplerSpec:
 
     ``order`` is the convergence order of the deterministic solver (0 for samplers that have none:
     consistency samplers, and the time-shift and CFG++ samplers, which move the state by amounts that
-    do not shrink with the step); ``evals_per_step`` the network evaluations one full step costs;
+    do not shrink with the step); ``stochastic`` whether it draws fresh noise *with its default
+    options* (options can change that: ``ddim`` with ``eta > 0``, ``ctm`` with ``gamma > 0``;
+    :attr:`fewstep.samplers.core.Program.stochastic` and ``SampleInfo.stochastic`` say what a
+    run actually does); ``evals_per_step`` the network evaluations one full step costs;
     ``min_nfe`` the smallest budget it can run with; ``options`` the solver options it accepts,
     with their defaults (a misspelt option is an error, never handed to the network)."""
 
@@ -113,6 +116,3 @@ def spec(name: str) -> SamplerSpec:
             f"unknown sampler {name!r}{close_matches(name, _REGISTRY)}; "
             f"`fewstep samplers` or fewstep.samplers.available() lists all {len(_REGISTRY)}"
         ) from None
-
-
-get = spec

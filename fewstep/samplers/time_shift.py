@@ -20,7 +20,7 @@ evaluation times of a multistep history stay apart.  The shift does not vanish a
 convergence order (``order = 0``): with ``cutoff=1`` (or ``window=0``) they are their base solver.
 
 Every sample gets its own times, so the coefficients are computed per distinct history of times
-(one set for the whole batch below the cutoff).  The evaluation times depend on the state, so a
+(one set for the whole batch below the cutoff), cached for the duration of one run only.  The evaluation times depend on the state, so a
 diffusers pipeline cannot drive these samplers (``FewstepScheduler`` says so).
 """
 
@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from fewstep.models.prediction import from_x0
 from fewstep.samplers._expint import LinearStep, dpmpp_multistep_weights, multistep_orders
 from fewstep.samplers.core import Eval, NoiseSource, Point, Program, Routine, Setup, points
 from fewstep.samplers.deis import BASES, deis_step
@@ -100,15 +101,20 @@ def _routine(
     setup: Setup, nominal: list[Point], orders: list[int], windows: Sequence[tuple[float, float] | None], rule: StepRule
 ) -> Callable[[torch.Tensor, NoiseSource], Routine]:
     depth = max(orders)
-    cache: dict[tuple[float, ...], LinearStep] = {}
-
-    def step_for(times: tuple[float, ...], i: int) -> LinearStep:
-        key = (i, *times)
-        if key not in cache:
-            cache[key] = rule(setup, [*points(setup.schedule, list(times)), nominal[i + 1]], len(times) - 1, orders[i])
-        return cache[key]
 
     def routine(x: torch.Tensor, noise: NoiseSource) -> Routine:
+        # Coefficients per distinct history of evaluated times, for this run only: shifted times
+        # are per-sample floats that another run (another batch) will not repeat, so a cache kept
+        # with the program would only grow.  Within a run, samples with one history (every sample
+        # below the cutoff) share one entry; at most B per step.
+        cache: dict[tuple[float, ...], LinearStep] = {}
+
+        def step_for(times: tuple[float, ...], i: int) -> LinearStep:
+            key = (i, *times)
+            if key not in cache:
+                cache[key] = rule(setup, [*points(setup.schedule, list(times)), nominal[i + 1]], len(times) - 1, orders[i])
+            return cache[key]
+
         b = x.shape[0]
         hist_d: list[torch.Tensor] = []
         hist_eps: list[torch.Tensor] = []
@@ -130,7 +136,7 @@ def _routine(
             hist_d = [d, *hist_d[: depth - 1]]
             if any(st.w_eps for st in steps):
                 a, s = _per_sample(setup.schedule, ts, x)
-                hist_eps = [(x - a * d) / s, *hist_eps[: depth - 1]]
+                hist_eps = [from_x0("epsilon", d, x, a, s), *hist_eps[: depth - 1]]
             x = _apply(steps, x, hist_d, hist_eps)
         return x
 

@@ -119,8 +119,8 @@ def tune(
     reference_nfe: int | None = None,
     validation_fraction: float = 0.25,
     grid_evaluations: int | None = None,
-    coefficient_iterations: int = 300,
-    learning_rate: float = 1e-3,
+    coefficient_iterations: int = 200,
+    learning_rate: float = 1.5e-3,
     progress: Callable[[str], None] | None = None,
 ) -> SamplingPlan:
     """Tune a sampling plan for ``denoiser`` at ``nfe`` network evaluations.
@@ -142,7 +142,7 @@ def tune(
         reference_sampler, reference_nfe: the model's own many-step solution that every stage is
             fitted to (default NFE ``max(200, 20 nfe)``); its own error (against half the NFE) is
             recorded in the plan.
-        grid_evaluations: Nelder-Mead budget (default ``60 (steps - 1)`` evaluations of the plan).
+        grid_evaluations: Nelder-Mead budget (default ``40 (steps - 1)`` evaluations of the plan).
         coefficient_iterations, learning_rate: Adam on the coefficient table.
         progress: called with a short message after each stage.
 
@@ -204,12 +204,12 @@ def tune(
             except ValueError:  # a degenerate grid (coinciding times)
                 return math.inf
 
-        budget = int(grid_evaluations) if grid_evaluations is not None else 60 * (len(g0) - 2)
+        budget = int(grid_evaluations) if grid_evaluations is not None else 40 * (len(g0) - 2)
         res = minimize(objective, np.zeros(len(g0) - 2), method="Nelder-Mead",
                        options={"maxfev": budget, "xatol": 1e-3, "fatol": 1e-7, "adaptive": True})
         candidate = prepare(sampler, nfe, schedule, spacing=_warp(res.x, g0), **options)
         stage = {"stage": "grid", "train_rmse": data.error(candidate, train), "val_rmse": data.error(candidate, val),
-                 "evaluations": int(res.nfev)}
+                 "evaluations": int(res.nfev), "grid": candidate.grid.tolist()}
         stage["accepted"] = stage["val_rmse"] < best_val
         if stage["accepted"]:
             best_val, program, grid = stage["val_rmse"], candidate, candidate.grid.tolist()
