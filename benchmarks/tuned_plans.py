@@ -12,14 +12,14 @@ For each model (the exact digits mixture, and the embedded neural digits UNet) a
 
 Errors are RMSE of the final samples on 512 test noises never used in tuning, against the exact
 ODE solution (mixture) or the model's own 500-NFE solution (UNet).  On the UNet the FID on digit
-features (500 samples against the held-out digits) of the best peer, the best untuned sampler
-and the best plan is reported too.  A generalisation study tunes on one mixture and applies the
+features (512 samples against the held-out digits) of the plan is reported too, with the FID of
+the best-RMSE and of the best-FID peer and untuned sampler (every peer's FID is computed).  A generalisation study tunes on one mixture and applies the
 plan to two others (another number of components; another data set: mirrored digits).
 
 An ablation (``--ablation``) tunes each ingredient alone on the mixture.
 
 Usage:  python benchmarks/tuned_plans.py [--models mixture,unet] [--nfe 4,5,6,8,10]
-        [--bases unipc_3,dpmpp_3m] [--trajectories 128] [--no-generalisation] [--ablation] [--json PATH]
+        [--bases unipc_3,dpmpp_3m] [--trajectories 256] [--no-generalisation] [--ablation] [--json PATH]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def stage_programs(plan: SamplingPlan, schedule) -> dict[str, object]:
-    """The plan's stages as runnable programs: default grid, + grid, + orders, + coefficients."""
+    """The plan's stages as runnable programs: default grid, + grid, + orders, + coefficients (and times)."""
     out = {"default": prepare(plan.sampler, plan.nfe, schedule)}
     grid = None
     for st in plan.meta["stages"]:
@@ -60,7 +60,8 @@ def stage_programs(plan: SamplingPlan, schedule) -> dict[str, object]:
         if st["stage"] == "orders" and st["accepted"]:
             out["grid+orders"] = prepare(plan.sampler, plan.nfe, schedule, spacing=grid, orders=st["orders"])
     if plan.table is not None:
-        out["grid+orders+coefficients"] = plan.program(schedule)
+        fitted = [st["stage"] for st in plan.meta["stages"] if st["stage"].startswith("coefficients")][-1]
+        out[f"grid+orders+{fitted}"] = plan.program(schedule)
     return out
 
 
@@ -107,9 +108,13 @@ def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases
             "all_bases": {b: {"val": v, "test": st[list(st)[-1]], "seconds": sec} for v, b, _, st, sec in plans},
         }
         if fid is not None:
+            peer_fids = sorted((fid(out), pname) for _, pname, out in peers)
+            untuned_fids = sorted((fid(run(prepare(s, nfe, schedule), denoiser, test)), s) for _, s in untuned)
             row["fid"] = {
-                "best peer": fid(peers[0][2]),
-                "best untuned": fid(run(prepare(untuned[0][1], nfe, schedule), denoiser, test)),
+                "best-RMSE peer": fid(peers[0][2]),
+                "best-FID peer": peer_fids[0][0], "best-FID peer name": peer_fids[0][1],
+                "best-RMSE untuned": fid(run(prepare(untuned[0][1], nfe, schedule), denoiser, test)),
+                "best-FID untuned": untuned_fids[0][0], "best-FID untuned name": untuned_fids[0][1],
                 "best plan": fid(run(plan.program(schedule), denoiser, test)),
             }
         rows.append(row)
@@ -155,7 +160,7 @@ def ablation(nfes, trajectories, base: str = "unipc_3") -> list[dict]:
     rows = []
     for nfe in nfes:
         row = {"nfe": nfe, "base": base, "untuned": rmse(fewstep.sample(den, test, base, nfe), exact)}
-        for ingredients in (("grid",), ("orders",), ("coefficients",), ("grid", "orders", "coefficients")):
+        for ingredients in (("grid",), ("orders",), ("coefficients",), ("coefficients", "times"), ("grid", "orders", "coefficients", "times")):
             plan = tune(den, sched, sampler=base, nfe=nfe, num_trajectories=trajectories, shape=(64,), dtype=torch.float64,
                         generator=torch.Generator().manual_seed(0), ingredients=ingredients)
             row["+".join(ingredients)] = rmse(fewstep.sample(den, test, plan=plan), exact)
@@ -169,7 +174,7 @@ def main() -> None:
     p.add_argument("--models", default="mixture,unet")
     p.add_argument("--nfe", default="4,5,6,8,10")
     p.add_argument("--bases", default="unipc_3,dpmpp_3m")
-    p.add_argument("--trajectories", type=int, default=128)
+    p.add_argument("--trajectories", type=int, default=256, help="tuning noises per plan (tune()'s default)")
     p.add_argument("--no-generalisation", action="store_true")
     p.add_argument("--ablation", action="store_true", help="also tune each ingredient alone on the mixture")
     p.add_argument("--json", default=None)

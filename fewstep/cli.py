@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from fewstep.samplers.tune import INGREDIENTS
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -97,7 +99,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from fewstep.samplers.tune import tune
 
     denoiser, shape, dtype, description = _tune_model(args.model, args.shape)
-    stages = ["reference", "default", *args.ingredients]
+    stages = ["reference", "default", *(i for i in args.ingredients if i != "times")]  # times: one stage with coefficients
     bar = tqdm(total=len(stages), desc=f"tuning {args.sampler} at {args.nfe} NFE", disable=args.quiet)
 
     def progress(msg: str) -> None:
@@ -108,21 +110,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
         denoiser,
         sampler=args.sampler,
         nfe=args.nfe,
-        num_trajectories=args.num_trajectories,
         generator=torch.Generator().manual_seed(args.seed),
         shape=shape,
         dtype=dtype,
         ingredients=args.ingredients,
         progress=progress,
+        **({"num_trajectories": args.num_trajectories} if args.num_trajectories is not None else {}),
     )
     bar.close()
     plan.meta["model"] = description
     path = plan.save(args.out)
     print(f"{plan!r} for {description}, written to {path}")
-    print(f"{'stage':14s} {'train RMSE':>11s} {'val RMSE':>9s}  kept")
+    print(f"{'stage':18s} {'train RMSE':>11s} {'val RMSE':>9s}  kept")
     for st in plan.meta["stages"]:
-        print(f"{st['stage']:14s} {st['train_rmse']:11.4g} {st['val_rmse']:9.4g}  {'yes' if st['accepted'] else 'no'}")
-    print(f"{plan.meta['seconds']:.0f} s, {plan.meta['network_evaluations']} sample evaluations; "
+        print(f"{st['stage']:18s} {st['train_rmse']:11.4g} {st['val_rmse']:9.4g}  {'yes' if st['accepted'] else 'no'}")
+    print(f"{plan.meta['seconds']:.0f} s, {plan.meta['network_evaluations']} single-sample network evaluations; "
           f"use it with fewstep.sample(denoiser, noise, plan=SamplingPlan.load({str(path)!r}))")
     return 0
 
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     t = sub.add_parser(
         "tune",
-        help="tune a sampling plan (grid, per-step orders, coefficients) for one model and NFE budget",
+        help="tune a sampling plan (grid, per-step orders, coefficients and evaluation times) for one model and NFE budget",
         description="Fits a sampling plan to the model's own many-step trajectories and writes it as JSON.",
     )
     t.add_argument("--model", default="embedded",
@@ -174,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shape", type=_int_list, default=None, help="sample shape C,H,W for a module:attribute model")
     t.add_argument("--sampler", default="unipc_3", help="the base sampler (default: %(default)s)")
     t.add_argument("--nfe", type=int, default=5, help="network evaluations (default: %(default)s)")
-    t.add_argument("--num-trajectories", type=int, default=128, help="noises to fit on, a quarter held out (default: %(default)s)")
-    t.add_argument("--ingredients", type=_name_list, default=["grid", "orders", "coefficients"],
-                   help="stages, comma-separated (default: grid,orders,coefficients)")
+    t.add_argument("--num-trajectories", type=int, default=None,
+                   help="noises to fit on, half of them held out (default: tune()'s, 256)")
+    t.add_argument("--ingredients", type=_name_list, default=list(INGREDIENTS),
+                   help=f"stages, comma-separated (default: {','.join(INGREDIENTS)}; 'times' moves the evaluation times "
+                        "together with the coefficients)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="plan.json", help="where to write the plan (default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -240,6 +240,21 @@ def test_conditioning_reaches_the_network_and_callback_sees_every_eval(eps_net):
     assert torch.allclose(out, torch.full_like(out, 0.5), atol=1e-5)
 
 
+def test_sampling_keeps_no_graph_unless_asked():
+    net = torch.nn.Linear(3, 3)
+    den = PredictionDenoiser(lambda x, t: net(x), DDPM, "epsilon")
+    noise = torch.randn(4, 3)
+    with torch.enable_grad():
+        out = fewstep.sample(den, noise, "dpmpp_2m", 4)
+        assert not out.requires_grad  # like a diffusers pipeline: no activations kept per step
+        noise.requires_grad_(True)
+        out = fewstep.sample(den, noise, "dpmpp_2m", 4, grad=True)
+        assert out.requires_grad
+        out.sum().backward()
+    assert noise.grad is not None and net.weight.grad is not None
+    assert bool(torch.isfinite(noise.grad).all()) and float(net.weight.grad.abs().sum()) > 0
+
+
 @pytest.mark.parametrize("schedule", [VPContinuous("cosine"), EDM(), FlowMatching(shift=2.0)], ids=repr)
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "dpmpp_3s", "deis_3"])
 def test_other_schedule_families_solve_the_ode(schedule, name):

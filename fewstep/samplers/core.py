@@ -426,6 +426,7 @@ def sample(
     check_finite: bool = True,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     return_info: bool = False,
+    grad: bool = False,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Sample with a registered sampler using exactly ``nfe`` denoiser evaluations.
@@ -448,6 +449,10 @@ def sample(
         generator: a ``torch.Generator`` or one per sample, for stochastic samplers (or a
             :class:`NoiseSource` that supplies the noise itself).
         cond: conditioning passed to the denoiser as keyword arguments.
+        grad: keep the autograd graph through every evaluation (to differentiate the samples with
+            respect to the noise, the conditioning or the network).  Off by default, as in
+            diffusers' pipelines: sampling runs under ``torch.no_grad`` whatever the caller's mode,
+            so an ``nn.Module`` denoiser does not hold every step's activations in memory.
         options: solver options of the sampler (``fewstep.samplers.spec(name).options``).
 
     Returns:
@@ -467,18 +472,19 @@ def sample(
         nfe = 10 if nfe is None else nfe
         program = prepare(sampler, nfe, schedule, spacing=spacing, end=end, t_start=t_start, **options)
     work = torch.promote_types(noise.dtype, torch.float32)
-    x = program.initial_state(noise.to(work))
-    out, times = run_program(
-        program,
-        denoiser,
-        x,
-        noise_source=generator if isinstance(generator, NoiseSource) else NoiseSource(generator),
-        cond=cond,
-        model_dtype=noise.dtype,
-        check_finite=check_finite,
-        callback=callback,
-    )
-    out = out.to(noise.dtype)
+    with torch.set_grad_enabled(bool(grad)):
+        x = program.initial_state(noise.to(work))
+        out, times = run_program(
+            program,
+            denoiser,
+            x,
+            noise_source=generator if isinstance(generator, NoiseSource) else NoiseSource(generator),
+            cond=cond,
+            model_dtype=noise.dtype,
+            check_finite=check_finite,
+            callback=callback,
+        )
+        out = out.to(noise.dtype)
     if return_info:
         return out, SampleInfo(len(times), times, program.grid.tolist(), program.spec.name, program.stochastic)
     return out
