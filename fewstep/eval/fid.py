@@ -57,7 +57,7 @@ from fewstep.eval.frechet import frechet_distance
 from fewstep.eval.kid import kernel_inception_distance
 from fewstep.eval.reference import ReferenceStats
 from fewstep.eval.stats import RunningStats, atomic_savez, atomic_write_bytes
-from fewstep.samplers.core import NonFiniteError, prepare
+from fewstep.samplers.core import NonFiniteError, model_schedule, prepare
 
 __all__ = [
     "FidRow",
@@ -296,9 +296,7 @@ def fid_per_nfe(
         raise ValueError(f"num_samples must be at least 2 (a covariance needs two samples), got {num_samples}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    schedule = schedule if schedule is not None else getattr(denoiser, "schedule", None)
-    if schedule is None:
-        raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
+    schedule = model_schedule(denoiser, schedule)
     options = {k: dict(v) for k, v in (sampler_options or {}).items()}
     unknown = set(options) - set(samplers)
     if unknown:

@@ -410,6 +410,14 @@ def _plan_program(
     return plan.program(schedule)
 
 
+def model_schedule(denoiser: Any, schedule: NoiseSchedule | None) -> NoiseSchedule:
+    """``schedule``, or the denoiser's own ``.schedule`` when none is given."""
+    schedule = schedule if schedule is not None else getattr(denoiser, "schedule", None)
+    if schedule is None:
+        raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
+    return schedule
+
+
 def sample(
     denoiser: Callable[..., torch.Tensor],
     noise: torch.Tensor,
@@ -459,15 +467,13 @@ def sample(
         The samples (dtype of ``noise``), and a :class:`SampleInfo` if ``return_info``.
     """
     noise = _check_noise(noise)
-    if schedule is None:
-        schedule = getattr(denoiser, "schedule", None)
     if cond is not None and not isinstance(cond, Mapping):
         raise TypeError(f"cond must be a mapping of keyword arguments for the denoiser, got {type(cond).__name__}")
-    if plan is not None:
-        program = _plan_program(plan, schedule, sampler, nfe, spacing, end, t_start, options)
+    if plan is not None:  # a plan names its schedule; one given (or the denoiser's) is checked against it
+        program = _plan_program(plan, schedule if schedule is not None else getattr(denoiser, "schedule", None),
+                                sampler, nfe, spacing, end, t_start, options)
     else:
-        if schedule is None:
-            raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
+        schedule = model_schedule(denoiser, schedule)
         sampler = "dpmpp_2m" if sampler is None else sampler
         nfe = 10 if nfe is None else nfe
         program = prepare(sampler, nfe, schedule, spacing=spacing, end=end, t_start=t_start, **options)

@@ -39,7 +39,7 @@ import torch
 
 from fewstep.models.prediction import time_tensor
 from fewstep.samplers._expint import lagrange_weights
-from fewstep.samplers.core import Point, Program, Setup, prepare, run_program, validate_options
+from fewstep.samplers.core import Point, Program, Setup, model_schedule, prepare, run_program, validate_options
 from fewstep.samplers.registry import available, register, spec
 from fewstep.samplers.unipc import UniStep, arrive, history_depth, predict, unipc_routine, unipc_steps
 from fewstep.schedules import NoiseSchedule, Spacing
@@ -221,10 +221,7 @@ def fit_dc_ratios(
     s = spec(sampler)
     if s.family != "dc_solver":
         raise ValueError(f"fit_dc_ratios fits a DC-Solver sampler ({', '.join(available(family='dc_solver'))}), got {sampler!r}")
-    if schedule is None:
-        schedule = getattr(denoiser, "schedule", None)
-        if schedule is None:
-            raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
+    schedule = model_schedule(denoiser, schedule)
     for k in ("dc_ratios", "dc_grid"):
         if options.get(k) is not None:
             raise ValueError(f"{k} is what fit_dc_ratios computes; do not pass it")

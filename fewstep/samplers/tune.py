@@ -40,7 +40,7 @@ import torch
 
 import fewstep
 from fewstep.models.prediction import time_tensor
-from fewstep.samplers.core import NoiseSource, Program, prepare, run_program
+from fewstep.samplers.core import NoiseSource, Program, model_schedule, prepare, run_program
 from fewstep.samplers.plan import SamplingPlan, probe_table, table_program
 from fewstep.samplers.registry import spec as sampler_spec
 from fewstep.schedules import NoiseSchedule
@@ -228,10 +228,7 @@ def tune(
             f"{sampler} cannot be tuned: tuning needs a deterministic diffusion sampler with fixed evaluation times "
             "(e.g. unipc_3, dpmpp_3m, deis_3, dpmpp_2m)"
         )
-    if schedule is None:
-        schedule = getattr(denoiser, "schedule", None)
-        if schedule is None:
-            raise ValueError("pass schedule=... (the denoiser has no .schedule attribute to take it from)")
+    schedule = model_schedule(denoiser, schedule)
     if noise is None:
         if shape is None:
             raise ValueError("pass shape=(C, H, W) of one sample (or noise=...) so tune can draw its trajectories")
