@@ -6,14 +6,21 @@ For each model (the exact digits mixture, and the embedded neural digits UNet) a
   DEIS-2/3, UniPC-2/3 with every timestep spacing they offer; k-diffusion's DPM++ 2M, LMS, Euler,
   Heun on Karras and exponential sigmas) that spends exactly that NFE; the best one is kept;
 * fewstep untuned: the best deterministic registry sampler on its default grid;
-* fewstep plans: ``fewstep.samplers.tune`` for each base sampler (seeded noises, a quarter held
+* fewstep plans: ``fewstep.samplers.tune`` for each base sampler (seeded noises, half held
   out); the plan with the lowest *validation* error is the one reported (the test noise never
   takes part in a choice), with its stages (grid, + orders, + coefficients) evaluated one by one.
 
 Errors are RMSE of the final samples on 512 test noises never used in tuning, against the exact
 ODE solution (mixture) or the model's own 500-NFE solution (UNet).  On the UNet the FID on digit
-features (512 samples against the held-out digits) of the plan is reported too, with the FID of
-the best-RMSE and of the best-FID peer and untuned sampler (every peer's FID is computed).  A generalisation study tunes on one mixture and applies the
+features of the plan is reported too, with the FID of the best-RMSE and of the best-FID peer and
+untuned sampler (every peer's FID is computed), twice: against the held-out digits (512 samples,
+so with a sampling floor, and with the model's own error in it) and against the model's exact-ODE
+samples from the same 512 noises ("FID to the ODE": zero for an exact solver, so it measures the
+sampler alone, in distribution).  Every row also has the spread of the error over the test noises
+(median and quantiles of the per-sample RMSE, and the share of the squared error in the worst 5 %
+of samples), for the plan, the best-RMSE peer and the peer with the lowest median; on the UNet
+also the samples whose digit (by the feature network's classifier head) differs from the exact-ODE
+sample's, with their share of the squared error.  A generalisation study tunes on one mixture and applies the
 plan to two others (another number of components; another data set: mirrored digits).
 
 An ablation (``--ablation``) tunes each ingredient alone on the mixture.
@@ -49,6 +56,20 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.sqrt(torch.mean((a - b.double()) ** 2))) if bool(torch.isfinite(a).all()) else math.inf
 
 
+def per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The RMSE of every sample (one number per noise)."""
+    return ((a.double() - b.double()) ** 2).flatten(1).mean(1).sqrt()
+
+
+def spread(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How the error spreads over the noises: median and 90/99 % quantiles of the per-sample RMSE,
+    and the share of the total squared error carried by the worst 5 % of samples."""
+    e = per_sample(a, b)
+    sq = torch.sort(e**2, descending=True).values
+    q = torch.quantile(e, torch.tensor([0.5, 0.9, 0.99], dtype=e.dtype)).tolist()
+    return {"median": q[0], "q90": q[1], "q99": q[2], "worst_5pct_share": float(sq[: max(1, len(sq) // 20)].sum() / sq.sum())}
+
+
 def stage_programs(plan: SamplingPlan, schedule) -> dict[str, object]:
     """The plan's stages as runnable programs: default grid, + grid, + orders, + coefficients (and times)."""
     out = {"default": prepare(plan.sampler, plan.nfe, schedule)}
@@ -71,7 +92,16 @@ def run(program, denoiser, noise: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases, trajectories, fid=None) -> list[dict]:
+def changed_class(out: torch.Tensor, ref: torch.Tensor, classify) -> dict[str, float]:
+    """Samples the digit classifier labels differently from the exact-ODE sample of the same noise
+    (the solver landed on another digit): how many, their share of the squared error, and the RMSE
+    of the others."""
+    flip = classify(out) != classify(ref)
+    e2 = per_sample(out, ref) ** 2
+    return {"count": int(flip.sum()), "share": float(e2[flip].sum() / e2.sum()), "rmse_others": float(e2[~flip].mean().sqrt())}
+
+
+def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases, trajectories, fid=None, classify=None) -> list[dict]:
     test = torch.randn((512, *shape), generator=torch.Generator().manual_seed(TEST_SEED), dtype=dtype)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -99,24 +129,33 @@ def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases
         plans.sort(key=lambda p: p[0])
         _, base, plan, stages, secs = plans[0]
         best_plan = stages[list(stages)[-1]]
+        plan_out = run(plan.program(schedule), denoiser, test)
+        by_median = min(((float(per_sample(out, ref).median()), pname, out) for _, pname, out in peers), key=lambda r: r[0])
         row = {
             "model": name, "nfe": nfe,
             "best_peer": peers[0][1], "best_peer_rmse": peers[0][0], "peers_counted": len(peers),
             "best_untuned": untuned[0][1], "best_untuned_rmse": untuned[0][0],
             "plan_base": base, "plan_stages": stages, "plan_rmse": best_plan, "plan_seconds": secs,
             "ratio_plan_to_peer": best_plan / peers[0][0],
+            "spread": {"best plan": spread(plan_out, ref), "best-RMSE peer": spread(peers[0][2], ref),
+                       "best-median peer": {**spread(by_median[2], ref), "name": by_median[1]}},
             "all_bases": {b: {"val": v, "test": st[list(st)[-1]], "seconds": sec} for v, b, _, st, sec in plans},
         }
+        if classify is not None:
+            row["changed_class"] = {"best plan": changed_class(plan_out, ref, classify),
+                                    "best-RMSE peer": changed_class(peers[0][2], ref, classify)}
         if fid is not None:
-            peer_fids = sorted((fid(out), pname) for _, pname, out in peers)
-            untuned_fids = sorted((fid(run(prepare(s, nfe, schedule), denoiser, test)), s) for _, s in untuned)
-            row["fid"] = {
-                "best-RMSE peer": fid(peers[0][2]),
-                "best-FID peer": peer_fids[0][0], "best-FID peer name": peer_fids[0][1],
-                "best-RMSE untuned": fid(run(prepare(untuned[0][1], nfe, schedule), denoiser, test)),
-                "best-FID untuned": untuned_fids[0][0], "best-FID untuned name": untuned_fids[0][1],
-                "best plan": fid(run(plan.program(schedule), denoiser, test)),
-            }
+            untuned_outs = [(run(prepare(s, nfe, schedule), denoiser, test), s) for _, s in untuned]
+            for key, dist in (("fid", lambda x: fid(x)), ("fid_ode", lambda x: fid(x, ref))):
+                peer_fids = sorted((dist(out), pname) for _, pname, out in peers)
+                untuned_fids = sorted((dist(out), s) for out, s in untuned_outs)
+                row[key] = {
+                    "best-RMSE peer": dist(peers[0][2]),
+                    "best-FID peer": peer_fids[0][0], "best-FID peer name": peer_fids[0][1],
+                    "best-RMSE untuned": dist(untuned_outs[0][0]),
+                    "best-FID untuned": untuned_fids[0][0], "best-FID untuned name": untuned_fids[0][1],
+                    "best plan": dist(plan_out),
+                }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "all_bases"}, default=float), flush=True)
     return rows
@@ -197,13 +236,19 @@ def main() -> None:
         ext = get_extractor("digits")
         ref_stats = reference_stats("digits:test", ext, progress=False)
 
-        def fid(x: torch.Tensor) -> float:
+        def fid(x: torch.Tensor, against: torch.Tensor | None = None) -> float:
+            """FID on digit features against the digits test split, or against ``against``: the model's
+            own exact-ODE samples from the same noises (zero for an exact solver, no sampling floor)."""
             with torch.no_grad():
                 mu, cov = gaussian_stats(ext(x.float().clamp(-1, 1)))
-            return frechet_distance(mu, cov, ref_stats.mu, ref_stats.sigma)
+                if against is None:
+                    return frechet_distance(mu, cov, ref_stats.mu, ref_stats.sigma)
+                mu_ref, cov_ref = gaussian_stats(ext(against.float().clamp(-1, 1)))
+            return frechet_distance(mu, cov, mu_ref, cov_ref)
 
         results["rows"] += study("embedded digits UNet", den, den.schedule, (1, 8, 8), torch.float32,
-                                 lambda x: fewstep.sample(den, x, "dpmpp_3m", 500), nfes, bases, args.trajectories, fid=fid)
+                                 lambda x: fewstep.sample(den, x, "dpmpp_3m", 500), nfes, bases, args.trajectories, fid=fid,
+                                 classify=lambda x: ext.net(x.float().clamp(-1, 1)).argmax(1))
     if not args.no_generalisation:
         results["generalisation"] = generalisation([5, 10], args.trajectories)
     if args.ablation:

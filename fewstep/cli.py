@@ -100,11 +100,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     denoiser, shape, dtype, description = _tune_model(args.model, args.shape)
     stages = ["reference", "default", *(i for i in args.ingredients if i != "times")]  # times: one stage with coefficients
-    bar = tqdm(total=len(stages), desc=f"tuning {args.sampler} at {args.nfe} NFE", disable=args.quiet)
+    bar = tqdm(total=len(stages), desc=f"tuning {args.sampler} at {args.nfe} NFE", disable=args.quiet,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} stages [{elapsed}<{remaining}{postfix}]")
 
-    def progress(msg: str) -> None:
+    shown = [0.0]  # how much of the current stage the bar already shows
+
+    def progress(msg: str, fraction: float) -> None:
         bar.set_postfix_str(msg[:60])
-        bar.update(1)
+        bar.update(max(0.0, min(fraction, 1.0) - shown[0]))
+        shown[0] = 0.0 if fraction >= 1.0 else max(shown[0], fraction)
 
     plan = tune(
         denoiser,

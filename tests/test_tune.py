@@ -106,11 +106,21 @@ def test_tuning_is_deterministic(mixture_setup):
     den, _, _ = mixture_setup
     kw = dict(sampler="dpmpp_3m", nfe=4, num_trajectories=32, shape=(64,), dtype=torch.float64, grid_evaluations=40,
               coefficient_iterations=30)
-    a = tune(den, generator=torch.Generator().manual_seed(3), **kw)
+    reports = []
+    a = tune(den, generator=torch.Generator().manual_seed(3), progress=lambda msg, f: reports.append((msg, f)), **kw)
     b = tune(den, generator=torch.Generator().manual_seed(3), **kw)
     assert a.grid == b.grid and a.table == b.table and a.options == b.options and a.eval_times == b.eval_times
     c = tune(den, generator=torch.Generator().manual_seed(4), **kw)
     assert c.grid != a.grid  # other noise, another fit
+    # progress: every stage (reference, default, grid, orders, coefficients with times) ends with
+    # fraction 1.0, and inside a stage the fraction only grows; the grid and the fit report midway
+    ends = [m for m, f in reports if f == 1.0]
+    assert [m.split()[0].rstrip(":") for m in ends] == ["reference", "default", "grid", "orders", "coefficients+times"], ends
+    fractions, last = [f for _, f in reports], 0.0
+    for f in fractions:
+        assert 0.0 <= f <= 1.0 and (f >= last or last == 1.0)
+        last = f
+    assert any(m.startswith("grid: ") and f < 1 for m, f in reports) and any(m.startswith("coefficients: ") and f < 1 for m, f in reports)
 
 
 def test_plan_in_a_diffusers_pipeline_equals_pull():

@@ -182,7 +182,7 @@ def tune(
     time_learning_rate: float = 1e-2,
     batch_size: int = 32,
     patience: int = 10,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, float], None] | None = None,
 ) -> SamplingPlan:
     """Tune a sampling plan for ``denoiser`` at ``nfe`` network evaluations.
 
@@ -210,7 +210,9 @@ def tune(
             and on the evaluation times (in units of the local step).
         batch_size: training trajectories per Adam update.
         patience: validation checks (every 10 updates) without a gain before the fit stops.
-        progress: called with a short message after each stage.
+        progress: ``progress(message, fraction)`` while tuning: ``fraction`` is how much of the current
+            stage is done (``1.0`` when it ends; the stages are the reference, the default grid and
+            each ingredient, ``times`` counting with ``coefficients``).
 
     Returns:
         The :class:`SamplingPlan`; ``plan.meta["stages"]`` lists each stage's errors.
@@ -242,7 +244,7 @@ def tune(
         raise ValueError(f"{noise.shape[0]} trajectories leave too few for training after holding {n_val} out")
     val, train = slice(0, n_val), slice(n_val, noise.shape[0])
     options = dict(options or {})
-    say = progress or (lambda msg: None)
+    say = progress or (lambda msg, fraction: None)
 
     ref_nfe = int(reference_nfe) if reference_nfe is not None else max(100, 20 * nfe)
     with torch.no_grad():
@@ -251,7 +253,7 @@ def tune(
     ref_error = _rmse(half, reference[val])
     ref_seconds = time.perf_counter() - t_begin
     data = _Trajectories(denoiser, schedule, noise, reference, cond)
-    say(f"reference {reference_sampler} at {ref_nfe} NFE (its error vs {ref_nfe // 2} NFE: {ref_error:.2e})")
+    say(f"reference {reference_sampler} at {ref_nfe} NFE (its error vs {ref_nfe // 2} NFE: {ref_error:.2e})", 1.0)
 
     base = prepare(sampler, nfe, schedule, **options)
     grid = base.grid.tolist()
@@ -265,7 +267,7 @@ def tune(
         return stage
 
     best_val, program = stages[0]["val_rmse"], base
-    say(f"default grid: validation RMSE {best_val:.4g}")
+    say(f"default grid: validation RMSE {best_val:.4g}", 1.0)
 
     if "grid" in ingredients and len(grid) > 2:
         from scipy.optimize import minimize
@@ -273,13 +275,18 @@ def tune(
         g0 = np.asarray(grid)
         fit_rows = slice(train.start, min(train.stop, train.start + 64))
 
+        budget = int(grid_evaluations) if grid_evaluations is not None else 20 * (len(g0) - 2)
+        calls = [0]
+
         def objective(z: np.ndarray) -> float:
+            calls[0] += 1
+            if calls[0] % 10 == 0:
+                say(f"grid: {calls[0]}/{budget} evaluations", min(calls[0] / budget, 0.99))
             try:
                 return data.error(prepare(sampler, nfe, schedule, spacing=_warp(z, g0), **options), fit_rows)
             except ValueError:  # a degenerate grid (coinciding times)
                 return math.inf
 
-        budget = int(grid_evaluations) if grid_evaluations is not None else 20 * (len(g0) - 2)
         res = minimize(objective, np.zeros(len(g0) - 2), method="Nelder-Mead",
                        options={"maxfev": budget, "xatol": 1e-3, "fatol": 1e-7, "adaptive": True})
         candidate = prepare(sampler, nfe, schedule, spacing=_warp(res.x, g0), **options)
@@ -289,14 +296,17 @@ def tune(
         if stage["accepted"]:
             best_val, program, grid = stage["val_rmse"], candidate, candidate.grid.tolist()
         stages.append(timed(stage))
-        say(f"grid: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})")
+        say(f"grid: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})", 1.0)
+    elif "grid" in ingredients:
+        say("grid: nothing to move (a single step)", 1.0)
 
     if "orders" in ingredients and "orders" in s.options and program.orders is not None:
         orders = list(program.orders)
         current = data.error(program, train)
-        for _ in range(2):  # coordinate descent passes
+        for sweep in range(2):  # coordinate descent passes
             changed = False
             for i in range(len(orders)):
+                say(f"orders: pass {sweep + 1}, step {i + 1}/{len(orders)}", min((sweep + (i + 1) / len(orders)) / 2, 0.99))
                 for o in range(1, 5):
                     if o == orders[i]:
                         continue
@@ -317,21 +327,23 @@ def tune(
             best_val, program = stage["val_rmse"], candidate
             options = {**options, "orders": orders}
         stages.append(timed(stage))
-        say(f"orders {orders}: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})")
+        say(f"orders {orders}: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})", 1.0)
+    elif "orders" in ingredients:
+        say(f"orders: {sampler} has no per-step orders", 1.0)
 
     table, eval_times = None, list(program.eval_times)
     if "coefficients" in ingredients:
         table, when, stage = _fit_table(
             data, program, train, val, best_val, iterations=coefficient_iterations, lr=learning_rate,
             fit_times="times" in ingredients, time_lr=time_learning_rate, batch_size=batch_size, patience=patience,
-            generator=generator,
+            generator=generator, say=say,
         )
         stages.append(timed(stage))
         if stage["accepted"]:
             best_val, eval_times = stage["val_rmse"], when
         else:
             table = None
-        say(f"{stage['stage']}: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})")
+        say(f"{stage['stage']}: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})", 1.0)
 
     meta = {
         "tuned_by": "fewstep.samplers.tune",
@@ -353,6 +365,7 @@ def tune(
 def _fit_table(
     data: _Trajectories, program: Program, train: slice, val: slice, best_val: float, *, iterations: int, lr: float,
     fit_times: bool, time_lr: float, batch_size: int, patience: int, generator: torch.Generator | None,
+    say: Callable[[str, float], None],
 ) -> tuple[list[list[float]] | None, list[float], dict[str, Any]]:
     """Adam on the coefficient table (and the evaluation times) through the network, on shuffled
     minibatches of the training trajectories, learning rates decayed to zero on a cosine; the
@@ -402,6 +415,7 @@ def _fit_table(
                 since_best = 0 if v < best[0] else since_best + 1
                 if v < best[0]:
                     best = (v, cand, when, it)
+                say(f"coefficients: {it}/{iterations} updates, validation RMSE {v:.4g}", min(it / iterations, 0.99))
                 if since_best >= patience:
                     break
     stage = {"stage": "coefficients+times" if times.trainable else "coefficients", "train_rmse": train_rmse,
