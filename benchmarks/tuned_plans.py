@@ -156,6 +156,7 @@ def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases
                     "best-FID untuned": untuned_fids[0][0], "best-FID untuned name": untuned_fids[0][1],
                     "best plan": dist(plan_out),
                 }
+            row["fid"]["exact ODE samples"] = fid(ref)  # the floor of FID to data at this sample size
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "all_bases"}, default=float), flush=True)
     return rows
