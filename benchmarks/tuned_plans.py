@@ -40,6 +40,7 @@ import torch
 
 import fewstep
 from fewstep.eval.exact import default_exact_samplers, default_schedule
+from fewstep.eval.frechet import frechet_distance
 from fewstep.models import GaussianMixture
 from fewstep.models.mixture import digits_data
 from fewstep.samplers import SamplingPlan, prepare
@@ -101,7 +102,10 @@ def changed_class(out: torch.Tensor, ref: torch.Tensor, classify) -> dict[str, f
     return {"count": int(flip.sum()), "share": float(e2[flip].sum() / e2.sum()), "rmse_others": float(e2[~flip].mean().sqrt())}
 
 
-def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases, trajectories, fid=None, classify=None) -> list[dict]:
+def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases, trajectories, stats=None, data_stats=None,
+          classify=None) -> list[dict]:
+    """``stats(x) -> (mu, cov)`` of the samples' features and ``data_stats`` of the data turn on the
+    two FIDs (to data, and to the exact-ODE samples ``ref``); ``classify`` the digit changes."""
     test = torch.randn((512, *shape), generator=torch.Generator().manual_seed(TEST_SEED), dtype=dtype)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -115,10 +119,11 @@ def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases
             if fewstep.spec(s).stochastic:
                 continue
             try:
-                untuned.append((rmse(run(prepare(s, nfe, schedule), denoiser, test), ref), s))
+                out = run(prepare(s, nfe, schedule), denoiser, test)
             except ValueError:
                 continue
-        untuned.sort()
+            untuned.append((rmse(out, ref), s, out))
+        untuned.sort(key=lambda r: r[:2])
         plans = []
         for base in bases:
             t0 = time.perf_counter()
@@ -144,19 +149,22 @@ def study(name: str, denoiser, schedule, shape, dtype, reference_fn, nfes, bases
         if classify is not None:
             row["changed_class"] = {"best plan": changed_class(plan_out, ref, classify),
                                     "best-RMSE peer": changed_class(peers[0][2], ref, classify)}
-        if fid is not None:
-            untuned_outs = [(run(prepare(s, nfe, schedule), denoiser, test), s) for _, s in untuned]
-            for key, dist in (("fid", lambda x: fid(x)), ("fid_ode", lambda x: fid(x, ref))):
-                peer_fids = sorted((dist(out), pname) for _, pname, out in peers)
-                untuned_fids = sorted((dist(out), s) for out, s in untuned_outs)
+        if stats is not None:  # features of every sample set once, then both distances
+            peer_stats = [(stats(out), pname) for _, pname, out in peers]
+            untuned_stats = [(stats(out), s) for _, s, out in untuned]
+            plan_stats, ode_stats = stats(plan_out), stats(ref)
+            for key, target in (("fid", data_stats), ("fid_ode", ode_stats)):
+                peer_fids = [(frechet_distance(*st, *target), pname) for st, pname in peer_stats]
+                untuned_fids = [(frechet_distance(*st, *target), s) for st, s in untuned_stats]
+                best_peer, best_untuned = min(peer_fids), min(untuned_fids)
                 row[key] = {
-                    "best-RMSE peer": dist(peers[0][2]),
-                    "best-FID peer": peer_fids[0][0], "best-FID peer name": peer_fids[0][1],
-                    "best-RMSE untuned": dist(untuned_outs[0][0]),
-                    "best-FID untuned": untuned_fids[0][0], "best-FID untuned name": untuned_fids[0][1],
-                    "best plan": dist(plan_out),
+                    "best-RMSE peer": peer_fids[0][0],
+                    "best-FID peer": best_peer[0], "best-FID peer name": best_peer[1],
+                    "best-RMSE untuned": untuned_fids[0][0],
+                    "best-FID untuned": best_untuned[0], "best-FID untuned name": best_untuned[1],
+                    "best plan": frechet_distance(*plan_stats, *target),
                 }
-            row["fid"]["exact ODE samples"] = fid(ref)  # the floor of FID to data at this sample size
+            row["fid"]["exact ODE samples"] = frechet_distance(*ode_stats, *data_stats)  # the floor of FID to data here
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "all_bases"}, default=float), flush=True)
     return rows
@@ -229,7 +237,7 @@ def main() -> None:
                                  lambda x: mix.ode_solve(x, sched, sched.t_max, sched.t_zero), nfes, bases, args.trajectories)
     if "unet" in args.models:
         from fewstep.eval.features import get_extractor
-        from fewstep.eval.frechet import frechet_distance, gaussian_stats
+        from fewstep.eval.frechet import gaussian_stats
         from fewstep.eval.reference import reference_stats
         from fewstep.models.embedded import digits_denoiser
 
@@ -237,19 +245,14 @@ def main() -> None:
         ext = get_extractor("digits")
         ref_stats = reference_stats("digits:test", ext, progress=False)
 
-        def fid(x: torch.Tensor, against: torch.Tensor | None = None) -> float:
-            """FID on digit features against the digits test split, or against ``against``: the model's
-            own exact-ODE samples from the same noises (zero for an exact solver, no sampling floor)."""
+        def stats(x: torch.Tensor):
+            """Mean and covariance of the digit features of samples ``x``."""
             with torch.no_grad():
-                mu, cov = gaussian_stats(ext(x.float().clamp(-1, 1)))
-                if against is None:
-                    return frechet_distance(mu, cov, ref_stats.mu, ref_stats.sigma)
-                mu_ref, cov_ref = gaussian_stats(ext(against.float().clamp(-1, 1)))
-            return frechet_distance(mu, cov, mu_ref, cov_ref)
+                return gaussian_stats(ext(x.float().clamp(-1, 1)))
 
         results["rows"] += study("embedded digits UNet", den, den.schedule, (1, 8, 8), torch.float32,
-                                 lambda x: fewstep.sample(den, x, "dpmpp_3m", 500), nfes, bases, args.trajectories, fid=fid,
-                                 classify=lambda x: ext.net(x.float().clamp(-1, 1)).argmax(1))
+                                 lambda x: fewstep.sample(den, x, "dpmpp_3m", 500), nfes, bases, args.trajectories, stats=stats,
+                                 data_stats=(ref_stats.mu, ref_stats.sigma), classify=lambda x: ext.net(x.float().clamp(-1, 1)).argmax(1))
     if not args.no_generalisation:
         results["generalisation"] = generalisation([5, 10], args.trajectories)
     if args.ablation:

@@ -260,11 +260,12 @@ def tune(
     stages = [{"stage": "default", "train_rmse": data.error(base, train), "val_rmse": data.error(base, val), "accepted": True}]
     clock = [time.perf_counter()]
 
-    def timed(stage: dict[str, Any]) -> dict[str, Any]:
-        """The stage with the seconds it took."""
+    def finish(stage: dict[str, Any], label: str) -> None:
+        """Record a stage with the seconds it took, and report it."""
         now = time.perf_counter()
         stage["seconds"], clock[0] = now - clock[0], now
-        return stage
+        stages.append(stage)
+        say(f"{label}: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})", 1.0)
 
     best_val, program = stages[0]["val_rmse"], base
     say(f"default grid: validation RMSE {best_val:.4g}", 1.0)
@@ -295,8 +296,7 @@ def tune(
         stage["accepted"] = stage["val_rmse"] < best_val
         if stage["accepted"]:
             best_val, program, grid = stage["val_rmse"], candidate, candidate.grid.tolist()
-        stages.append(timed(stage))
-        say(f"grid: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})", 1.0)
+        finish(stage, "grid")
     elif "grid" in ingredients:
         say("grid: nothing to move (a single step)", 1.0)
 
@@ -326,8 +326,7 @@ def tune(
         if stage["accepted"]:
             best_val, program = stage["val_rmse"], candidate
             options = {**options, "orders": orders}
-        stages.append(timed(stage))
-        say(f"orders {orders}: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})", 1.0)
+        finish(stage, f"orders {orders}")
     elif "orders" in ingredients:
         say(f"orders: {sampler} has no per-step orders", 1.0)
 
@@ -338,12 +337,11 @@ def tune(
             fit_times="times" in ingredients, time_lr=time_learning_rate, batch_size=batch_size, patience=patience,
             generator=generator, say=say,
         )
-        stages.append(timed(stage))
         if stage["accepted"]:
             best_val, eval_times = stage["val_rmse"], when
         else:
             table = None
-        say(f"{stage['stage']}: validation RMSE {stage['val_rmse']:.4g} ({'kept' if stage['accepted'] else 'dropped'})", 1.0)
+        finish(stage, stage["stage"])
 
     meta = {
         "tuned_by": "fewstep.samplers.tune",
@@ -412,9 +410,10 @@ def _fit_table(
             if it % 10 == 0 or it == iterations:
                 cand, when = (t0 + delta.detach() * mask).tolist(), times.values()
                 v = data.error(table_program(sched, when, end, cand), val)
-                since_best = 0 if v < best[0] else since_best + 1
                 if v < best[0]:
-                    best = (v, cand, when, it)
+                    best, since_best = (v, cand, when, it), 0
+                else:
+                    since_best += 1
                 say(f"coefficients: {it}/{iterations} updates, validation RMSE {v:.4g}", min(it / iterations, 0.99))
                 if since_best >= patience:
                     break
