@@ -129,7 +129,7 @@ def peer_rows(study: ExactStudy, nfe: int) -> list[Row]:
     for order in (2, 3):
         out, _ = _diffusers(study, DPMSolverMultistepScheduler(solver_order=order, use_lu_lambdas=True), nfe)
         rows.append(Row("peer", f"diffusers DPM++ {order}M logSNR", nfe, *_errors(study, out), "network sees rounded timesteps"))
-    for name, ours, opts in (("dpmpp_2m", "dpmpp_2m", {}), ("lms", "hb_plms", {"beta": 1.0, "plms_order": 4})):
+    for name, ours, opts in (("dpmpp_2m", "dpmpp_2m", {}), ("lms", "hb_plms", {"beta": 1.0, "plms_order": 4, "denoise_final": False})):
         out, sigmas = _k_diffusion(study, name, nfe)
         pair(f"k-diffusion {name}", out, ours, _times_of_sigmas(study, sigmas), **opts)
     if nfe % 2 == 1:  # k-diffusion's Heun to sigma = 0 costs 2n - 1 evaluations

@@ -45,7 +45,7 @@ from fewstep.models import GaussianMixture
 from fewstep.models.mixture import digits_data
 from fewstep.samplers import SamplingPlan, prepare
 from fewstep.samplers.core import run_program
-from fewstep.samplers.tune import tune
+from fewstep.samplers.tuning import tune
 
 from peers import peer_outputs
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fewstep.samplers.tune import INGREDIENTS
+from fewstep.samplers.tuning import INGREDIENTS
 
 
 def _int_list(text: str) -> list[int]:
@@ -96,7 +96,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from fewstep.samplers.tune import tune
+    from fewstep.samplers.tuning import tune
 
     denoiser, shape, dtype, description = _tune_model(args.model, args.shape)
     stages = ["reference", "default", *(i for i in args.ingredients if i != "times")]  # times: one stage with coefficients

@@ -306,26 +306,59 @@ class VPContinuous(NoiseSchedule):
         self.t_zero, self.t_min = 0.0, float(t_min)
         self.t_max = float(t_max) if t_max is not None else (1.0 if kind == "linear" else 0.9946)
         self.timestep_scale = float(timestep_scale)
-        self._cos0 = math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2))
+        self._a0 = self.cosine_s / (1 + self.cosine_s) * math.pi / 2
+        self._tan0 = math.tan(self._a0)
+        if self.schedule_kind == "cosine" and not self.t_max < 1.0:
+            raise ValueError(f"the cosine schedule has alpha = 0 at t = 1; t_max must be below 1 (DPM-Solver uses 0.9946), got {self.t_max}")
+        if not 0.0 < self.t_min < self.t_max:
+            raise ValueError(f"VPContinuous needs 0 < t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+
+    def _one_minus_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """``u = 1 - alpha(t) >= 0``, computed without cancellation so that ``u(0) = 0`` exactly
+        whatever the rounding of the build's ``cos`` / ``exp`` (a ``log alpha(0)`` of ``+1e-20``
+        used to make ``sigma(0)`` NaN).
+
+        * linear: ``u = -expm1(log alpha)`` with ``log alpha = -(beta_max - beta_min) t^2/4 - beta_min t/2``;
+        * cosine: with ``a(t) = (t + s)/(1 + s) pi/2 = a_0 + d``, ``alpha = cos(a_0 + d)/cos(a_0)
+          = cos d - tan(a_0) sin d``, so ``u = 2 sin^2(d/2) + tan(a_0) sin d``, a sum of
+          non-negative terms for ``d in [0, pi/2 - a_0]``."""
+        t = t.clamp(min=0.0)
+        if self.schedule_kind == "linear":
+            return -torch.expm1(-0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min)
+        d = t / (1 + self.cosine_s) * (math.pi / 2)
+        return 2.0 * torch.sin(0.5 * d) ** 2 + self._tan0 * torch.sin(d)
+
+    def _log_alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self._one_minus_alpha(t).clamp(0.0, 1.0)
+        # alpha = 1 - u; sigma^2 = 1 - alpha^2 = u (2 - u), both accurate at t = 0 (u = 0 exactly).
+        return torch.log1p(-u), 0.5 * (torch.log(u) + torch.log(2.0 - u))
 
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        if self.schedule_kind == "linear":
-            return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-        s = self.cosine_s
-        return torch.log(torch.cos((t + s) / (1 + s) * math.pi / 2)) - self._cos0
+        return self._log_alpha_sigma(t)[0]
 
     def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        # sigma^2 = 1 - alpha^2 = -expm1(2 log alpha), accurate near t = 0.
-        return 0.5 * torch.log(-torch.expm1(2.0 * self._log_alpha(t)))
+        return self._log_alpha_sigma(t)[1]
 
     def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
-        log_alpha = 0.5 * F.logsigmoid(2.0 * lam)  # alpha^2 = sigmoid(2 lambda)
+        # alpha^2 = sigmoid(2 lambda); u = 1 - alpha = sigma^2 / (1 + alpha), free of cancellation.
+        alpha = torch.exp(0.5 * F.logsigmoid(2.0 * lam))
+        u = torch.sigmoid(-2.0 * lam) / (1.0 + alpha)
         if self.schedule_kind == "linear":
-            # Solve a t^2 + b t = L with L = -log alpha >= 0, in the cancellation-free form.
-            a, b, L = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min, -log_alpha
-            return 2 * L / (b + torch.sqrt(b * b + 4 * a * L))
-        s = self.cosine_s
-        return torch.arccos(torch.exp(log_alpha + self._cos0)) * 2 * (1 + s) / math.pi - s
+            # Solve a t^2 + b t = L with L = -log alpha = -log1p(-u) >= 0, in the cancellation-free form.
+            a, b, L = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min, -torch.log1p(-u)
+            t = 2 * L / (b + torch.sqrt(b * b + 4 * a * L))
+        else:
+            # cos(a) = alpha cos(a_0) with a = a_0 + d.  Then sin(a)^2 = sigma^2 + alpha^2 sin(a_0)^2 and
+            # sin(a) - alpha sin(a_0) = sigma^2 / (sin(a) + alpha sin(a_0)), so d = atan2(sin(a - a_0), cos(a - a_0))
+            # is evaluated without the cancellation of arccos(alpha cos a_0) - a_0 near t = 0.
+            sig2 = torch.sigmoid(-2.0 * lam)
+            c0, s0 = math.cos(self._a0), math.sin(self._a0)
+            sin_a = torch.sqrt(sig2 + (alpha * s0) ** 2)
+            d = torch.atan2(c0 * sig2 / (sin_a + alpha * s0), alpha * c0 * c0 + sin_a * s0)
+            t = d * 2 * (1 + self.cosine_s) / math.pi
+        # lambda = +inf is t = 0 exactly; lambda = -inf (below the schedule's range) is t_max.
+        t = torch.where(lam == -math.inf, torch.full_like(t, self.t_max), t.clamp(0.0, self.t_max))
+        return torch.where(u == 0, torch.zeros_like(t), t)
 
     def model_timestep(self, t: TimeLike) -> TimeLike:
         return t * self.timestep_scale
@@ -368,7 +401,7 @@ class EDM(NoiseSchedule):
         return torch.zeros_like(t)
 
     def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.log(t)
+        return torch.log(t.clamp(min=0.0))  # check_time admits -1e-9: that is clean data
 
     def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         return torch.exp(-lam)
@@ -408,10 +441,10 @@ class FlowMatching(NoiseSchedule):
         self.t_min = float(t_min) if t_min is not None else 1.0 / self.num_train_timesteps
 
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.log1p(-t)
+        return torch.log1p(-t.clamp(0.0, 1.0))  # check_time admits 1e-9 past either end
 
     def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.log(t)
+        return torch.log(t.clamp(0.0, 1.0))
 
     def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(-lam)

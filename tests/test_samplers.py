@@ -76,11 +76,19 @@ def test_singlestep_budget_split():
 
     assert singlestep_orders(10, 2, True) == [2, 2, 2, 2, 1, 1]
     assert singlestep_orders(9, 3, False) == [3, 3, 3]
-    assert singlestep_orders(11, 3, True) == [3, 3, 3, 1, 1]
+    # a remainder of one evaluation becomes two second-order steps: no first-order step caps order 3
+    assert singlestep_orders(11, 3, True) == [3, 3, 2, 2, 1]
+    assert singlestep_orders(10, 3, False) == [3, 3, 2, 2]
     assert singlestep_orders(12, 3, True) == [3, 3, 3, 2, 1]
+    assert singlestep_orders(2, 3, True) == [1, 1] and singlestep_orders(1, 3, False) == [1]
     for n in range(1, 20):
         for o in (2, 3):
-            assert sum(singlestep_orders(n, o, True)) == n
+            for to_data in (True, False):
+                orders = singlestep_orders(n, o, to_data)
+                assert sum(orders) == n
+                body = orders[:-1] if to_data else orders
+                if o == 3 and len(body) > 1:  # no first-order step before the end unless the budget is tiny
+                    assert min(body) >= 2, (n, orders)
 
 
 def test_unknown_option_is_an_error_not_a_network_input(eps_net):

@@ -16,7 +16,7 @@ from fewstep.models import DiffusersDenoiser
 from fewstep.samplers import SamplingPlan, prepare
 from fewstep.samplers.core import NoiseSource, run_program
 from fewstep.samplers.plan import probe_table, table_program
-from fewstep.samplers.tune import tune
+from fewstep.samplers.tuning import tune
 
 from conftest import CountingDenoiser
 
@@ -183,7 +183,7 @@ def test_tuned_evaluation_times_stay_ordered_inside_the_schedule(small_plan, ddp
 def test_time_derivative_by_forward_difference_matches_autograd(ddpm_schedule):
     """The gradient of the table's loss in the time parameters, taken with the forward difference
     of the network in t, equals autograd's on a denoiser that is differentiable in t."""
-    from fewstep.samplers.tune import _differentiable_table_run, _EvalTimes
+    from fewstep.samplers.tuning import _differentiable_table_run, _EvalTimes
 
     w = torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 8
 

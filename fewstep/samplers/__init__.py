@@ -7,5 +7,6 @@ from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, plan
 from fewstep.samplers.core import NonFiniteError, Program, SampleInfo, UnguidedWarning, prepare, sample
 from fewstep.samplers.plan import SamplingPlan
 from fewstep.samplers.registry import SamplerSpec, available, spec
+from fewstep.samplers.tuning import tune
 
-__all__ = ["available", "spec", "sample", "prepare", "Program", "SamplerSpec", "SampleInfo", "NonFiniteError", "UnguidedWarning", "SamplingPlan"]
+__all__ = ["available", "spec", "sample", "prepare", "tune", "Program", "SamplerSpec", "SampleInfo", "NonFiniteError", "UnguidedWarning", "SamplingPlan"]

@@ -37,6 +37,7 @@ __all__ = [
     "ddim_coefficients",
     "dpmpp_multistep_weights",
     "multistep_orders",
+    "lower_order_final_steps",
     "lagrange_integrals",
     "lagrange_weights",
     "phi",
@@ -233,28 +234,49 @@ def lagrange_weights(nodes: Sequence[float], x: float) -> list[float]:
     return [float(v) for v in _lagrange_basis(nodes, np.asarray(x, dtype=np.float64))]
 
 
+LOWER_ORDER_FINAL_STEPS = 15  # diffusers' DPMSolverMultistepScheduler: lower the final orders below 15 steps
+
+
+def lower_order_final_steps(value: object) -> float:
+    """The step count below which a multistep solver lowers its final orders, from the samplers'
+    ``lower_order_final`` option: ``True`` is diffusers' DPM-Solver rule (below 15 steps), ``False``
+    never, an integer ``N`` below ``N`` steps (10: the DPM-Solver authors' code), ``math.inf`` at
+    every step count (the UniPC authors' code and diffusers' ``UniPCMultistepScheduler``)."""
+    if isinstance(value, bool):
+        return float(LOWER_ORDER_FINAL_STEPS) if value else 0.0
+    if isinstance(value, (int, np.integer)) and value >= 0:
+        return float(value)
+    if isinstance(value, float) and value == math.inf:
+        return math.inf
+    raise TypeError(
+        f"lower_order_final must be True (lower the final orders below {LOWER_ORDER_FINAL_STEPS} steps), False (never), "
+        f"a step count N (below N steps) or math.inf (always), got {value!r}"
+    )
+
+
 def multistep_orders(
     num_steps: int,
     order: int,
-    lower_order_final: bool,
+    lower_order_final: bool | int | float,
     last_step_to_data: bool,
-    below: float = 15,
     requested: Sequence[int] | None = None,
 ) -> list[int]:
     """Per-step orders of a multistep solver: warm-up ``min(order, i + 1)``; with
-    ``lower_order_final`` and fewer than ``below`` steps (15: diffusers' DPM-Solver rule, for
-    stability at few steps; ``inf``: UniPC's rule, always) the orders ramp down at the end,
+    ``lower_order_final`` (see :func:`lower_order_final_steps`: by default below 15 steps,
+    diffusers' DPM-Solver rule, for stability at few steps) the orders ramp down at the end,
     ``min(order, num_steps - i)``; a step onto clean data (``lambda = inf``) is first order, as no
-    polynomial in ``lambda`` extends there.
+    polynomial in ``lambda`` extends there.  Above the threshold every step after the warm-up has
+    the full order, so the declared convergence order holds at the default options.
 
     ``requested`` (the samplers' ``orders`` option) sets every step's order instead, as the
     unified sampling framework's per-step solver choice (Liu et al. 2024, "A Unified Sampling
     Framework for Solver Searching of Diffusion Probabilistic Models", sec. 4): it is checked
     against the same limits (history available, at most ``order``, first order onto clean data)."""
+    below = lower_order_final_steps(lower_order_final)
     if requested is not None:
         return _checked_orders(requested, num_steps, order, last_step_to_data)
     orders = [min(order, i + 1) for i in range(num_steps)]
-    if lower_order_final and num_steps < below:
+    if num_steps < below:
         orders = [min(o, num_steps - i) for i, o in enumerate(orders)]
     if last_step_to_data:
         orders[-1] = 1
@@ -264,6 +286,9 @@ def multistep_orders(
 def _checked_orders(requested: Sequence[int], num_steps: int, order: int, last_step_to_data: bool) -> list[int]:
     if isinstance(requested, (str, bytes)) or not isinstance(requested, Sequence):
         raise TypeError(f"orders must be a list of {num_steps} per-step orders, got {type(requested).__name__}")
+    bad = [o for o in requested if isinstance(o, bool) or not isinstance(o, (int, np.integer))]
+    if bad:
+        raise TypeError(f"orders must be whole numbers (one solver order per step), got {bad[0]!r} in {list(requested)!r}")
     orders = [int(o) for o in requested]
     if len(orders) != num_steps:
         raise ValueError(f"orders lists {len(orders)} per-step orders for {num_steps} steps; give one per step")
@@ -300,21 +325,27 @@ def linear_multistep_routine(
     prediction ``D_u``, and the state ``x = alpha D_u + sigma eps_u`` is moved to
     ``alpha D + sigma eps_u`` -- the guided data point re-noised with the *unconditional* noise --
     before the step, i.e. ``x + alpha (D - D_u)``.  For a step whose state coefficient is
-    ``sigma_t / sigma_s`` (DDIM, DPM-Solver++) that is the paper's update."""
+    ``sigma_t / sigma_s`` (DDIM, DPM-Solver++) that is the paper's update.  The older history
+    entries are the *unconditional* predictions: the CFG++ authors' DPM-Solver++(2M)
+    (CFGpp-diffusion/CFGpp, ``latent_sdxl.py``, ``DPMpp2mCFGppSolver``) builds its difference
+    ``D1`` from the current guided prediction and the previous unconditional one."""
     depth = max(max(len(s.w_d), len(s.w_eps)) for s in steps)
     need_eps = any(s.w_eps for s in steps)
 
     def routine(x: torch.Tensor, noise: NoiseSource) -> Routine:
         hist_d: list[torch.Tensor] = []
+        hist_u: list[torch.Tensor] = []
         hist_eps: list[torch.Tensor] = []
         for i, st in enumerate(steps):
             p = pts[i]
             if renoise_uncond:
                 x, d, d_u = yield Eval(x, p.t, uncond=True)
                 x = combine(x, 1.0, [(p.alpha, d), (-p.alpha, d_u)])
+                hist_d = [d, *hist_u[: depth - 1]]
+                hist_u = [d_u, *hist_u[: depth - 1]]
             else:
                 x, d = yield Eval(x, p.t)
-            hist_d = [d, *hist_d[: depth - 1]]
+                hist_d = [d, *hist_d[: depth - 1]]
             if need_eps:
                 hist_eps = [from_x0("epsilon", d, x, p.alpha, p.sigma), *hist_eps[: depth - 1]]
             x = combine(x, st.c_x, [*zip(st.w_d, hist_d), *zip(st.w_eps, hist_eps)])

@@ -10,13 +10,24 @@ unconditional one (the paper's DDIM update):
 
 In the exponential-integrator form of DDIM, ``x_{t'} = (sigma_{t'}/sigma_t) x + alpha_{t'}(1 - e^{-h}) D``,
 this is the same step taken from the state ``x + alpha_t (D_w - D_u)`` (the guided data point with
-the unconditional noise), which carries over unchanged to DPM-Solver++(2M): its state coefficient
-is the same ``sigma_{t'}/sigma_t`` and its data terms use the guided history.  (k-diffusion-style
-"2M CFG++" implementations mix guided and unconditional predictions in the derivative term; this
-one keeps the multistep extrapolation on one function, the guided prediction.)
+the unconditional noise).
 
-The guidance scale is the ``ClassifierFreeGuidance`` one; CFG++ is meant for ``w`` in ``[0, 1]``
-(the paper's ``lambda``), where it interpolates between the unconditional and conditional models.
+``cfgpp_dpmpp_2m`` is the authors' DPM-Solver++(2M) CFG++ (CFGpp-diffusion/CFGpp, ``latent_sdxl.py``,
+``DPMpp2mCFGppSolver``; written there in k-diffusion's sigma form), in any schedule:
+
+    x_{t'} = (sigma_{t'}/sigma_t) (x + alpha_t (D_w - D_u)) + alpha_{t'} (1 - e^{-h}) D_w
+             + alpha_{t'} (1 - e^{-h}) / (2 r) (D_w - D_u^{prev}),    r = h_{prev} / h,
+
+i.e. the DPM-Solver++(2M) step from the re-noised state whose difference ``D1`` pairs the current
+*guided* prediction with the previous *unconditional* one (not the previous guided one).  As in the
+authors' code, the first step and a step onto clean data are the first-order (DDIM) CFG++ update,
+and there is no other lower-order final step (``lower_order_final=False`` by default).  Tested
+equal to a direct transcription of the authors' loop.
+
+The guidance scale is the ``ClassifierFreeGuidance`` one, which CFG++ requires in ``[0, 1]`` (the
+paper's ``lambda``: ``0`` is the unconditional model, ``1`` the conditional one; CFG++ replaces a
+large CFG scale by a ``lambda`` in between, not by the same number).  A scale outside it is an
+error before the first evaluation.
 CFG++ is not a discretisation of an ODE: every step moves the state by ``alpha (D_w - D_u)``, a
 jump that does not shrink with the step, so results do not converge as the budget grows
 (measured on the exact mixture: successive doublings of NFE 20-320 differ by 0.08-0.16 RMSE);
@@ -61,7 +72,7 @@ def build_cfgpp_ddim(setup: Setup) -> Program:
     model_kind="diffusion",
     paper=_PAPER + ", with DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2)",
     summary="DPM-Solver++(2M) with CFG++ re-noising; needs a ClassifierFreeGuidance denoiser (scale in [0, 1])",
-    options={"lower_order_final": True, "solver_type": "midpoint"},
+    options={"lower_order_final": False, "solver_type": "midpoint"},
     push_style=False,
     needs=("uncond",),
 )

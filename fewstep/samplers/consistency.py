@@ -14,7 +14,9 @@ per step, from the evaluation time ``t_i``:
 The samplers differ in ``s_i`` and in their default grid:
 
 * ``cm_multistep`` -- Song, Dhariwal, Chen & Sutskever 2023, "Consistency Models", Algorithm 1:
-  ``s_i`` is the boundary time (clean data, or ``boundary_time``, CM's epsilon).
+  ``s_i`` is the boundary time (clean data, or ``boundary_time``, CM's epsilon), and ``x_s = f``:
+  the consistency function's value is taken as the state at ``epsilon`` itself, as the algorithm
+  does (step 2 is skipped; at a boundary on clean data the two coincide).
 * ``lcm`` -- Luo et al. 2023, "Latent Consistency Models", Algorithm 3: the same, on LCM's
   skipping-step timesteps (diffusers' ``LCMScheduler`` with ``original_inference_steps``).
 * ``tcd`` -- Zheng et al. 2024, "Trajectory Consistency Distillation", strategic stochastic sampling:
@@ -136,11 +138,16 @@ def _gamma(setup: Setup) -> float:
 
 
 def _multistep_cm(setup: Setup, grid: torch.Tensor) -> Program:
+    """Song et al. 2023, Algorithm 1: ``x <- f(x, tau_n)``, the consistency function's value, *is* the
+    estimate at the boundary time ``epsilon`` (no move along the DDIM line from it); the next state
+    is its forward transition from ``epsilon`` to ``tau_{n+1}`` (``x + sqrt(tau^2 - eps^2) z`` on
+    EDM), and the last ``f`` is the sample."""
     pts = setup.points(grid)
     b = _boundary(setup)
     if any(p.t < b.t for p in pts[:-1]):
         raise ValueError(f"{setup.spec.name}: every evaluation time must lie above boundary_time={b.t}")
-    steps = _steps(pts, [b] * setup.nfe)
+    n = setup.nfe
+    steps = [JumpStep(pts[i].t, (0.0, 1.0), forward_transition(b, pts[i + 1]) if i < n - 1 else None) for i in range(n)]
     return setup.program(grid, [st.t for st in steps], jump_routine(steps), stochastic=setup.nfe > 1)
 
 

@@ -27,11 +27,15 @@ from fewstep.models.prediction import time_tensor
 from fewstep.schedules import NoiseSchedule, Spacing, default_spacing, time_grid
 from fewstep.samplers.registry import SamplerSpec, spec
 
-__all__ = ["Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "NonFiniteError", "UnguidedWarning", "SampleInfo"]
+__all__ = ["Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "check_state", "NonFiniteError", "UnguidedWarning", "SampleInfo", "MAX_NFE"]
+
+
+MAX_NFE = 100_000  # the largest budget prepare() accepts: building 10**7 steps' coefficients takes hours
 
 
 class NonFiniteError(FloatingPointError, ValueError):
-    """The denoiser returned NaN or inf."""
+    """NaN or inf in the sampling: the denoiser's output, or (with a message saying so) the
+    sampler's own state."""
 
 
 class UnguidedWarning(UserWarning):
@@ -189,17 +193,38 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
+def _real(value: Any, name: str) -> float:
+    """``value`` as a finite float, or a TypeError / ValueError naming the option."""
+    import numpy as np
+
+    number = isinstance(value, (int, float, np.integer, np.floating)) or (isinstance(value, torch.Tensor) and value.ndim == 0)
+    if isinstance(value, bool) or not number:
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
 def _x0_transform(options: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     clip, thr = options.get("clip_denoised"), options.get("thresholding")
+    if not isinstance(thr, bool):
+        raise TypeError(f"thresholding must be True or False, got {thr!r}")
     if clip is not None and thr:
         raise ValueError("use either clip_denoised or thresholding, not both")
     if thr:
-        ratio, max_value = float(options["dynamic_thresholding_ratio"]), float(options["sample_max_value"])
+        ratio = _real(options["dynamic_thresholding_ratio"], "dynamic_thresholding_ratio")
+        max_value = _real(options["sample_max_value"], "sample_max_value")
         if not 0 < ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
+        if max_value < 1:
+            raise ValueError(
+                f"sample_max_value must be at least 1, got {max_value}: dynamic thresholding clamps the per-sample "
+                "quantile s to [1, sample_max_value], so a smaller value would replace it by a fixed clip"
+            )
         return lambda x0: dynamic_threshold(x0, ratio, max_value)
     if clip is not None:
-        c = float(clip)
+        c = _real(clip, "clip_denoised")
         if c <= 0:
             raise ValueError(f"clip_denoised must be positive, got {clip}")
         return lambda x0: x0.clamp(-c, c)
@@ -215,6 +240,11 @@ def _check_nfe(nfe: Any, s: SamplerSpec) -> int:
         raise TypeError(f"nfe must be an int (the number of network evaluations), got {nfe!r}")
     if nfe < s.min_nfe:
         raise ValueError(f"{s.name} needs at least nfe={s.min_nfe} network evaluations, got nfe={nfe}")
+    if nfe > MAX_NFE:
+        raise ValueError(
+            f"nfe={nfe} is more than fewstep plans in one run (at most {MAX_NFE}: every coefficient is precomputed); "
+            "an exact reference needs far fewer with a high-order solver (e.g. dpmpp_3m at 500-2000)"
+        )
     return nfe
 
 
@@ -338,6 +368,8 @@ def run_program(
     Returns the final state and the list of evaluation times."""
     cond = dict(cond or {})
     model_dtype = model_dtype or x.dtype
+    if "uncond" in program.spec.needs:
+        check_cfgpp_scale(program, denoiser)
     routine = program.routine(x, noise_source or NoiseSource())
     takes_s = bool(getattr(denoiser, "takes_target_time", False))
     times: list[float | list[float]] = []
@@ -347,6 +379,8 @@ def run_program(
             i = len(times)
             if i >= program.nfe:
                 raise RuntimeError(f"internal error: {program.spec.name} asked for more than nfe={program.nfe} evaluations")
+            if check_finite:
+                check_state(req.x, program, f"before evaluation {i + 1} of {program.nfe} (t={_time_repr(req.t)})")
             kw = cond if req.s is None or not takes_s else {**cond, "s": time_tensor(req.s, req.x.device)}
             x0 = denoiser(req.x.to(model_dtype), time_tensor(req.t, req.x.device), **kw)
             _check_output(x0, req.x, i, program.nfe, req.t, program.schedule, check_finite)
@@ -367,7 +401,51 @@ def run_program(
         out = stop.value
     if len(times) != program.nfe:
         raise RuntimeError(f"internal error: {program.spec.name} made {len(times)} evaluations for nfe={program.nfe}")
+    if check_finite:
+        check_state(out, program, "in the final sample")
     return out, times
+
+
+def _time_repr(t: float | torch.Tensor) -> str:
+    return f"{t:.6g}" if not isinstance(t, torch.Tensor) else "per-sample times"
+
+
+def _option_summary(program: Program) -> str:
+    """The options a run set away from the registry's defaults, for error messages."""
+    defaults = program.spec.all_options()
+    changed = {k: v for k, v in program.options.items() if k in defaults and defaults[k] != v}
+    return ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "none (the defaults)"
+
+
+def check_state(x: torch.Tensor, program: Program, where: str) -> None:
+    """A :class:`NonFiniteError` if the sampler's state ``x`` holds NaN or inf.  Every denoiser output
+    before it was checked, so the cause is the sampler itself: its options, its grid on this
+    schedule, or the starting noise -- never the denoiser; the message says so."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = int(torch.nonzero(~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1))[0])
+    raise NonFiniteError(
+        f"{program.spec.name}: the sampler's state is NaN/inf {where} (first in sample {bad}), although every denoiser "
+        f"output so far was finite. The cause is the sampler on this schedule and grid, not the denoiser: schedule "
+        f"{program.schedule!r}, grid {[round(float(t), 6) for t in program.grid[:3]]}...{round(float(program.grid[-1]), 6)}, "
+        f"options changed: {_option_summary(program)}. Please report it if the options are valid."
+    )
+
+
+def check_cfgpp_scale(program: Program, denoiser: Any) -> None:
+    """CFG++ (Chung et al. 2024) takes a guidance scale ``lambda`` in ``[0, 1]``; a classical CFG
+    scale (5, 7.5, ...) there is a different method, so it is refused before any evaluation."""
+    w = getattr(denoiser, "guidance_scale", None)
+    if w is None:
+        return
+    wt = torch.as_tensor(w, dtype=torch.float64)
+    if not bool(((wt >= 0) & (wt <= 1)).all()):
+        raise ValueError(
+            f"{program.spec.name} is CFG++, whose guidance scale is the paper's lambda in [0, 1] (0: unconditional, 1: "
+            f"conditional), but the denoiser's guidance_scale is {w if not isinstance(w, torch.Tensor) else w.tolist()}; "
+            "set ClassifierFreeGuidance(..., guidance_scale=lambda) with lambda in [0, 1], or use a plain sampler "
+            "(dpmpp_2m, ...) for classical guidance scales"
+        )
 
 
 def _check_noise(noise: Any) -> torch.Tensor:
@@ -380,6 +458,10 @@ def _check_noise(noise: Any) -> torch.Tensor:
         )
     if noise.ndim < 2:
         raise ValueError(f"noise must be batched, shape (B, ...), got shape {tuple(noise.shape)}")
+    if noise.shape[0] == 0 or noise[0].numel() == 0:
+        raise ValueError(f"noise is empty (shape {tuple(noise.shape)}); pass at least one sample of at least one entry")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise contains NaN or inf; it must be standard normal samples (torch.randn)")
     return noise
 
 

@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from fewstep.models.prediction import check_prediction_type, to_x0
-from fewstep.samplers.core import Eval, NoiseSource, Program, prepare, validate_options
+from fewstep.samplers.core import Eval, NoiseSource, NonFiniteError, Program, check_state, prepare, validate_options
 from fewstep.samplers.registry import spec
 from fewstep.schedules import NoiseSchedule, VPDiscrete, diffusers_betas
 
@@ -172,6 +172,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         one evaluation each, then a final step to the end time)."""
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps (the NFE budget) or timesteps")
+        if num_inference_steps is not None:
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+                raise TypeError(
+                    f"num_inference_steps must be a whole number (the NFE budget), got {num_inference_steps!r}"
+                )
+            num_inference_steps = int(num_inference_steps)
         if self._plan is not None:
             if timesteps is not None or int(num_inference_steps) != self._plan.nfe:
                 raise ValueError(
@@ -291,6 +297,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 f"step() got timestep {got}, but evaluation {self._step_index + 1} is planned at {expected}; "
                 "the pipeline must iterate over scheduler.timesteps in order"
             )
+        if not isinstance(model_output, torch.Tensor) or model_output.shape != sample.shape:
+            got_shape = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+            raise ValueError(
+                f"step() got a model output of shape {got_shape} for a sample of shape {tuple(sample.shape)}; "
+                "FewstepScheduler needs the network's prediction of the sample's shape (a network with learned "
+                "variance outputs twice the channels: pass only the first half)"
+            )
+        if not bool(torch.isfinite(model_output).all()):
+            raise NonFiniteError(
+                f"the model output at evaluation {self._step_index + 1} of {self.program.nfe} (timestep {timestep}) "
+                "holds NaN/inf. Common causes: float16 overflow in the network (run it in bfloat16 or float32), an "
+                "epsilon-prediction model evaluated at zero SNR, or a broken checkpoint."
+            )
         # Follow our own full-precision state unless the pipeline changed the sample it got.
         last = self._last_out
         if last is not None and (sample is last or (sample.shape == last.shape and torch.equal(sample, last))):
@@ -310,6 +329,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         except StopIteration as stop:
             nxt = stop.value
             self._pending = None
+        check_state(nxt, self.program, "after step() " + str(self._step_index) + f" of {self.program.nfe}")
         out = nxt.to(sample.dtype)
         self._last_out = out
         if not return_dict:

@@ -9,7 +9,10 @@ solver exactly:
   with ``P_n`` a combination of past predictions whose weights sum to one (its *direction*) and
   ``g_n`` the step's first-order weight.  HB replaces ``P_n`` by ``v_n = (1 - beta) v_{n-1} + beta P_n``
   (``v_0 = P_0``).  ``hb_dpmpp_2m``: on DPM-Solver++(2M) (``P`` a combination of data predictions,
-  ``g_n = alpha_{n+1} (1 - e^{-h})``); ``hb_plms``: on the Adams-Bashforth method of order
+  ``g_n = alpha_{n+1} (1 - e^{-h})``), on its second-order updates only, as the authors'
+  ``MomentumDPMSolverMultistepScheduler`` (sWizad/momentum-diffusion) does: the first step, a
+  lower-order final step and the step onto clean data stay plain first-order steps, and the average
+  starts at the first second-order direction; ``hb_plms``: on the Adams-Bashforth method of order
   ``plms_order`` for ``d(x/alpha)/d(rho) = eps``, ``rho = sigma/alpha`` (PLMS, Liu et al. 2022, with
   variable-step coefficients -- k-diffusion's ``sample_lms``; ``g_n = alpha_{n+1} (rho_{n+1} - rho_n)``).
   HB is first order for ``beta < 1`` (as the paper proves; measured in the tests).
@@ -38,7 +41,7 @@ import torch
 from fewstep.models.prediction import from_x0
 from fewstep.samplers._expint import LinearStep, combine, dpmpp_multistep_weights, multistep_orders
 from fewstep.samplers.core import Eval, NoiseSource, Point, Program, Routine, Setup
-from fewstep.samplers.deis import deis_step
+from fewstep.samplers.deis import deis_step, final_is_denoising
 from fewstep.samplers.registry import register
 
 __all__ = ["heavy_ball_routine", "ghvb_coefficients", "ghvb_routine"]
@@ -59,32 +62,34 @@ def _eps(x: torch.Tensor, d: torch.Tensor, p: Point) -> torch.Tensor:
 
 
 def heavy_ball_routine(
-    pts: Sequence[Point], steps: Sequence[LinearStep], beta: float, on: str
+    pts: Sequence[Point], steps: Sequence[LinearStep], beta: float, on: str, momentum: Sequence[bool]
 ) -> Callable[[torch.Tensor, NoiseSource], Routine]:
-    """Polyak's heavy ball on a linear multistep method whose steps ``n >= 1`` read
+    """Polyak's heavy ball on a linear multistep method whose step ``n`` reads
     ``c_x x + sum_j w[j] P_{n-j}`` with ``P`` the data (``on="d"``) or noise (``on="eps"``)
-    predictions; step 0 (and a step in DEIS's first-order ``alpha D + sigma eps`` form) is the base
-    step and starts the average, ``v = P``."""
+    predictions.  Steps with ``momentum[n]`` replace the direction by the moving average ``v``
+    (started at the first such step's direction, ``v = P``); the others (and a step in DEIS's
+    first-order ``alpha D + sigma eps`` form) are the base step and leave ``v`` alone."""
     depth = max(max(len(s.w_d), len(s.w_eps)) for s in steps)
+    need_eps = on == "eps" or any(s.w_eps for s in steps)
 
     def routine(x: torch.Tensor, noise: NoiseSource) -> Routine:
         hist_d: list[torch.Tensor] = []
-        hist_p: list[torch.Tensor] = []
         v: torch.Tensor | None = None
+        hist_eps: list[torch.Tensor] = []
         for i, st in enumerate(steps):
             p = pts[i]
             x, d = yield Eval(x, p.t)
             hist_d = [d, *hist_d[: depth - 1]]
-            hist_p = [d if on == "d" else _eps(x, d, p), *hist_p[: depth - 1]]
-            if v is None or (st.w_d and st.w_eps):  # the first step, or DEIS's first-order start at zero SNR
-                v = hist_p[0].clone()
-                eps = [_eps(x, d, p)] if st.w_eps else []
-                x = combine(x, st.c_x, [*zip(st.w_d, hist_d), *zip(st.w_eps, eps)])
+            if need_eps:
+                hist_eps = [_eps(x, d, p), *hist_eps[: depth - 1]]
+            hist_p = hist_d if on == "d" else hist_eps
+            if not momentum[i] or (st.w_d and st.w_eps):  # the base step (DEIS's first-order start at zero SNR too)
+                x = combine(x, st.c_x, [*zip(st.w_d, hist_d), *zip(st.w_eps, hist_eps)])
                 continue
             w = st.w_d if on == "d" else st.w_eps
             g = sum(w)
             direction = combine(hist_p[0], w[0] / g, [(wj / g, pj) for wj, pj in zip(w[1:], hist_p[1:])])
-            v = combine(v, 1.0 - beta, [(beta, direction)])
+            v = direction if v is None else combine(v, 1.0 - beta, [(beta, direction)])
             x = combine(x, st.c_x, [(g, v)])
         return x
 
@@ -106,12 +111,16 @@ def build_hb_dpmpp_2m(setup: Setup) -> Program:
     beta = _beta(setup)
     grid = setup.grid(setup.nfe)
     pts = setup.points(grid)
-    orders = multistep_orders(setup.nfe, 2, bool(setup.options["lower_order_final"]), math.isinf(pts[-1].lam))
+    orders = multistep_orders(setup.nfe, 2, setup.options["lower_order_final"], math.isinf(pts[-1].lam))
     steps = []
     for i, o in enumerate(orders):
         c_x, w, _ = dpmpp_multistep_weights(pts, i, o, setup.options["solver_type"])
         steps.append(LinearStep(c_x, tuple(w)))
-    return setup.program(grid, [p.t for p in pts[:-1]], heavy_ball_routine(pts, steps, beta, "d"))
+    # As the authors' MomentumDPMSolverMultistepScheduler: momentum on the second-order updates only
+    # (their override of diffusers' second-order update); the first step, a lower-order final step and
+    # the step onto clean data are plain DPM-Solver++(1) steps.
+    momentum = [o == 2 for o in orders]
+    return setup.program(grid, [p.t for p in pts[:-1]], heavy_ball_routine(pts, steps, beta, "d", momentum))
 
 
 def _plms_order(setup: Setup) -> int:
@@ -130,14 +139,18 @@ def _plms_order(setup: Setup) -> int:
     model_kind="diffusion",
     paper=_PAPER + ", HB on PLMS / Adams-Bashforth",
     summary="variable-step Adams-Bashforth (PLMS, k-diffusion's LMS) in rho with heavy-ball momentum; beta=1: plain LMS",
-    options={"beta": 0.8, "plms_order": 4},
+    options={"beta": 0.8, "plms_order": 4, "denoise_final": True},
 )
 def build_hb_plms(setup: Setup) -> Program:
     beta, k = _beta(setup), _plms_order(setup)
     grid = setup.grid(setup.nfe)
     pts = setup.points(grid)
-    steps = [deis_step(setup, pts, i, min(k, i + 1), "rho") for i in range(setup.nfe)]
-    return setup.program(grid, [p.t for p in pts[:-1]], heavy_ball_routine(pts, steps, beta, "eps"))
+    denoise_last = math.isinf(pts[-1].lam) and final_is_denoising(setup, "rho")
+    orders = [1 if denoise_last and i == setup.nfe - 1 else min(k, i + 1) for i in range(setup.nfe)]
+    steps = [deis_step(setup, pts, i, o, "rho") for i, o in enumerate(orders)]
+    # As the authors' PLMSWithHBScheduler: the average starts at the first step's eps and acts on every step.
+    momentum = [True] * setup.nfe
+    return setup.program(grid, [p.t for p in pts[:-1]], heavy_ball_routine(pts, steps, beta, "eps", momentum))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +179,11 @@ def ghvb_coefficients(rho: Sequence[float], start: int, n: int, k: int, beta: fl
 
 
 def ghvb_routine(
-    pts: Sequence[Point], coeffs: Sequence[Sequence[float]], start: int, beta: float
+    pts: Sequence[Point], coeffs: Sequence[Sequence[float]], start: int, beta: float, denoise_last: bool = False
 ) -> Callable[[torch.Tensor, NoiseSource], Routine]:
     """Steps ``n < start + 1`` are DDIM; then ``x_{n+1} = (alpha_{n+1}/alpha_n) x_n +
-    alpha_{n+1} (rho_{n+1} - rho_n) sum_j c_j v_{n-j}`` with the moving average ``v`` of ``eps``."""
+    alpha_{n+1} (rho_{n+1} - rho_n) sum_j c_j v_{n-j}`` with the moving average ``v`` of ``eps``;
+    with ``denoise_last`` the last step (onto clean data) is DDIM too, ``x_0 = D``."""
     depth = max(len(c) for c in coeffs)
 
     def routine(x: torch.Tensor, noise: NoiseSource) -> Routine:
@@ -178,7 +192,7 @@ def ghvb_routine(
             p, q = pts[i], pts[i + 1]
             x, d = yield Eval(x, p.t)
             eps = _eps(x, d, p)
-            if i < start:  # before the averages start (zero SNR): DDIM
+            if i < start or (denoise_last and i == len(coeffs) - 1):  # zero-SNR start, or the denoising last step: DDIM
                 x = combine(d, q.alpha, [(q.sigma, eps)])
                 continue
             v = eps if i == start else combine(vs[0], 1.0 - beta, [(beta, eps)])
@@ -203,7 +217,7 @@ def _register_ghvb(order: int) -> None:
         model_kind="diffusion",
         paper=_PAPER + ", GHVB, with coefficients for variable steps",
         summary=f"generalised heavy ball of order {order} on eps in rho; beta=1 is Adams-Bashforth {order} (LMS)",
-        options={"beta": 0.8},
+        options={"beta": 0.8, "denoise_final": True},
     )
     def build(setup: Setup) -> Program:
         beta = _beta(setup)
@@ -215,7 +229,8 @@ def _register_ghvb(order: int) -> None:
             ghvb_coefficients(rho, start, n, min(order, n - start + 1), beta) if n > start else [1.0]
             for n in range(setup.nfe)
         ]
-        return setup.program(grid, [p.t for p in pts[:-1]], ghvb_routine(pts, coeffs, start, beta))
+        denoise_last = math.isinf(pts[-1].lam) and final_is_denoising(setup, "rho")
+        return setup.program(grid, [p.t for p in pts[:-1]], ghvb_routine(pts, coeffs, start, beta, denoise_last))
 
 
 for _k in (2, 3, 4):

@@ -104,14 +104,16 @@ def unipc_steps(
     disable_corrector: Sequence[int] = (),
 ) -> list[UniStep]:
     """The steps of UniPC-``order`` over the grid ``pts``: orders ramp up, and with
-    ``lower_order_final`` down at the end (UniPC's rule, whatever the number of steps); a step onto
-    clean data is first order.  History points at zero SNR (``lambda = -inf``) are left out of the
+    ``lower_order_final`` down at the end below 15 steps (:func:`_expint.lower_order_final_steps`).
+    The UniPC authors' code and diffusers' ``UniPCMultistepScheduler`` ramp down at every step
+    count, which caps the measured order at 2 for ``unipc_3`` (one UniP-1 step); we follow
+    diffusers' DPM-Solver rule instead so that the declared order holds at the default options, and
+    ``lower_order_final=math.inf`` reproduces the authors' rule.  A step onto clean data is first order.  History points at zero SNR (``lambda = -inf``) are left out of the
     polynomial, and a step that starts there has no corrector (its ``B(h)`` may be infinite).
     ``disable_corrector`` lists the step indices whose corrector is skipped (diffusers' option)."""
     n = len(pts) - 1
     orders = multistep_orders(
-        n, order, bool(setup.options["lower_order_final"]), math.isinf(pts[-1].lam), below=math.inf,
-        requested=setup.options.get("orders"),
+        n, order, setup.options["lower_order_final"], math.isinf(pts[-1].lam), requested=setup.options.get("orders")
     )
     steps = []
     for i, o in enumerate(orders):
