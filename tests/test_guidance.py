@@ -78,3 +78,57 @@ def test_clear_errors(guided):
         fewstep.sample(Broken(), torch.randn(2, 64), "cfgpp_ddim", 3)
     with pytest.raises(ValueError, match=r"combines the conditional and unconditional outputs itself.*ClassifierFreeGuidance"):
         FewstepScheduler(sampler="cfgpp_dpmpp_2m").set_timesteps(5)
+
+
+def _authors_cfgpp_2m(cfg, noise, grid, schedule, cond, guided_history=False):
+    """A direct transcription of the CFG++ authors' DPM-Solver++(2M) CFG++ loop
+    (CFGpp-diffusion/CFGpp, latent_sdxl.py, DPMpp2mCFGppSolver), in k-diffusion's variables
+    ``x / alpha`` and ``sigma / alpha`` of any VP schedule."""
+    sig = [schedule.sigma(t) / schedule.alpha(t) for t in grid]
+    t_fn = lambda s: -torch.log(torch.tensor(s, dtype=torch.float64))  # noqa: E731
+    x = noise / schedule.alpha(grid[0])
+    old_uncond = None
+    for i in range(len(grid) - 1):
+        a = schedule.alpha(grid[i])
+        denoised = cfg(x * a, torch.tensor(grid[i], dtype=torch.float64), **cond)
+        uncond = cfg.last_uncond
+        if old_uncond is None or sig[i + 1] == 0:
+            x = denoised + (x - uncond) / sig[i] * sig[i + 1]
+        else:
+            t, t_next = t_fn(sig[i]), t_fn(sig[i + 1])
+            h = t_next - t
+            r = (t - t_fn(sig[i - 1])) / h
+            x = denoised - torch.exp(-h) * uncond - torch.expm1(-h) * (denoised - old_uncond) / (2 * r) + torch.exp(-h) * x
+        old_uncond = denoised if guided_history else uncond
+    return x * schedule.alpha(grid[-1])
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.8])
+@pytest.mark.parametrize("end", ["zero", "min"])
+def test_cfgpp_dpmpp_2m_is_the_authors_update(guided, ddpm_schedule, scale, end):
+    """The D1 difference pairs the current guided prediction with the previous *unconditional* one."""
+    cfg = ClassifierFreeGuidance(guided, scale, UNCOND)
+    noise = torch.randn(4, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out, info = fewstep.sample(cfg, noise, "cfgpp_dpmpp_2m", 9, cond=COND, end=end, return_info=True)
+    ref = _authors_cfgpp_2m(cfg, noise, info.grid, ddpm_schedule, COND)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10), float((out - ref).abs().max())
+    # the previous *guided* prediction in D1 (fewstep's earlier variant) is measurably different
+    other = _authors_cfgpp_2m(cfg, noise, info.grid, ddpm_schedule, COND, guided_history=True)
+    assert float((out - other).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["cfgpp_ddim", "cfgpp_dpmpp_2m"])
+def test_cfgpp_refuses_a_classical_guidance_scale(guided, name):
+    calls = []
+
+    def counted(x, t, c):
+        calls.append(1)
+        return guided(x, t, c)
+
+    counted.schedule = guided.schedule
+    for w in (7.5, -0.1, torch.tensor([0.5, 1.5])):
+        cfg = ClassifierFreeGuidance(counted, w, UNCOND)
+        with pytest.raises(ValueError, match=r"lambda in \[0, 1\].*guidance_scale is"):
+            fewstep.sample(cfg, torch.randn(2, 64, dtype=torch.float64), name, 4, cond=COND)
+    assert not calls  # refused before any evaluation
+    fewstep.sample(ClassifierFreeGuidance(counted, 1.0, UNCOND), torch.randn(2, 64, dtype=torch.float64), name, 4, cond=COND)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,30 @@ def test_bad_momentum_options(setting):
         fewstep.sample(den, noise, "ghvb_3", 5, beta=0.0)
     with pytest.raises(ValueError, match="plms_order must be 1, 2, 3 or 4"):
         fewstep.sample(den, noise, "hb_plms", 5, plms_order=5)
+
+
+@pytest.mark.parametrize("nfe,end", [(8, "zero"), (20, "zero"), (20, "min"), (8, "min")])
+def test_hb_dpmpp_2m_is_the_authors_scheduler(setting, ddpm_schedule, nfe, end):
+    """A transcription of the authors' MomentumDPMSolverMultistepScheduler (sWizad/momentum-diffusion):
+    momentum on the second-order updates only, the average started at the first such update's
+    direction ``D0 + D1/2``; first-order steps (the first, a lower-order final step below 15 steps,
+    the step onto clean data) are plain DPM-Solver++(1)."""
+    den, noise = setting
+    beta = 0.7
+    out, info = fewstep.sample(den, noise, "hb_dpmpp_2m", nfe, beta=beta, end=end, return_info=True)
+    pts = [(ddpm_schedule.alpha(t), ddpm_schedule.sigma(t)) for t in info.grid]
+    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in pts]
+    x, vel, prev = noise.clone(), None, None
+    for i, t in enumerate(info.grid[:-1]):
+        d = den(x, torch.tensor(t, dtype=torch.float64))
+        (a_t, s_t), s_s, h = pts[i + 1], pts[i][1], lam[i + 1] - lam[i]
+        first_order = i == 0 or (i == nfe - 1 and (s_t == 0 or nfe < 15))
+        if first_order:
+            x = (s_t / s_s) * x + a_t * -math.expm1(-h) * d
+        else:
+            r0 = (lam[i] - lam[i - 1]) / h
+            diff = d + 0.5 * (d - prev) / r0
+            vel = diff if vel is None else (1 - beta) * vel + beta * diff
+            x = (s_t / s_s) * x - a_t * math.expm1(-h) * vel
+        prev = d
+    assert torch.allclose(out, x, rtol=0, atol=1e-10), float((out - x).abs().max())

@@ -281,3 +281,109 @@ def test_other_schedule_families_solve_the_ode(schedule, name):
     exact = noise * schedule.noise_scale(t0) * math.sqrt((a1**2 * c * c + s1**2) / (a0**2 * c * c + s0**2))
     tol = 0.06 if fewstep.spec(name).order == 1 else 0.01  # 60 steps over ~15 units of log-SNR
     assert float((out - exact).abs().max()) < tol * float(exact.abs().max())
+
+
+# --- fuzz: every bad input names its cause (issue 12) -------------------------------------------
+
+
+@pytest.fixture
+def mix_den(digits_mixture):
+    return digits_mixture.denoiser(DDPM)
+
+
+def test_absurd_budget_is_refused_at_once(mix_den):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"nfe=10000000 is more than fewstep plans.*at most 100000"):
+        fewstep.sample(mix_den, torch.randn(2, 64), "dpmpp_2m", 10**7)
+    assert time.perf_counter() - start < 5
+
+
+def test_nan_noise_is_the_noise_not_the_denoiser(mix_den):
+    noise = torch.randn(2, 64)
+    noise[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="noise contains NaN or inf"):
+        fewstep.sample(mix_den, noise, "ddim", 4)
+    with pytest.raises(ValueError, match="noise is empty"):
+        fewstep.sample(mix_den, torch.randn(0, 64), "ddim", 4)
+
+
+def test_nan_option_is_named(mix_den):
+    with pytest.raises(ValueError, match=r"ddim: option eta=nan is NaN"):
+        fewstep.sample(mix_den, torch.randn(2, 64), "ddim", 4, eta=float("nan"))
+    with pytest.raises(ValueError, match="clip_denoised must be finite"):
+        fewstep.sample(mix_den, torch.randn(2, 64), "ddim", 4, clip_denoised=float("inf"))
+
+
+class _NanNoise(fewstep.samplers.core.NoiseSource):
+    """Finite noise except from the ``bad``-th draw on."""
+
+    def __init__(self, bad):
+        super().__init__(torch.Generator().manual_seed(0))
+        self.draws, self.bad = 0, bad
+
+    def randn_like(self, x):
+        self.draws += 1
+        z = super().randn_like(x)
+        return z * float("nan") if self.draws >= self.bad else z
+
+
+@pytest.mark.parametrize("end,where", [("zero", r"before evaluation 3 of 4"), ("min", r"in the final sample")])
+def test_nan_state_is_blamed_on_the_sampler_not_the_denoiser(mix_den, end, where):
+    bad = 2 if end == "zero" else 4  # end="min": the last step adds noise too, after the last evaluation
+    with pytest.raises(fewstep.samplers.NonFiniteError, match=where + r".*every denoiser output so far was finite.*eta=0.5"):
+        fewstep.sample(mix_den, torch.randn(2, 64, dtype=torch.float64), "ddim", 4, eta=0.5, end=end, generator=_NanNoise(bad))
+
+
+def test_option_types_are_checked(mix_den):
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="sample_max_value must be at least 1"):
+        fewstep.sample(mix_den, x, "ddim", 4, thresholding=True, sample_max_value=0.0)
+    with pytest.raises(ValueError, match="sample_max_value must be at least 1"):
+        fewstep.sample(mix_den, x, "ddim", 4, thresholding=True, sample_max_value=-2)
+    with pytest.raises(TypeError, match="thresholding must be True or False"):
+        fewstep.sample(mix_den, x, "ddim", 4, thresholding="yes")
+    with pytest.raises(TypeError, match=r"orders must be whole numbers.*1.5"):
+        fewstep.sample(mix_den, x, "dpmpp_3m", 4, orders=[1, 1.5, 2, 1])
+    with pytest.raises(TypeError, match=r"lower_order_final must be True.*got 'no'"):
+        fewstep.sample(mix_den, x, "dpmpp_2m", 4, lower_order_final="no")
+    with pytest.raises(TypeError, match="denoise_final must be True or False"):
+        fewstep.sample(mix_den, x, "deis_2", 4, denoise_final=0)
+    # the integer form of lower_order_final is a step threshold
+    ramp = fewstep.samplers.prepare("dpmpp_3m", 12, DDPM, end="min", lower_order_final=10).orders
+    full = fewstep.samplers.prepare("dpmpp_3m", 12, DDPM, end="min", lower_order_final=13).orders
+    assert ramp[-1] == 3 and full[-2:] == [2, 1]
+
+
+def test_readme_import_gives_the_tune_function():
+    from fewstep.samplers import tune
+
+    assert callable(tune) and tune.__module__ == "fewstep.samplers.tuning"
+    assert fewstep.samplers.tune is tune
+
+
+def test_push_door_refuses_bad_model_output_and_budget():
+    from fewstep import FewstepScheduler
+
+    sch = FewstepScheduler(sampler="dpmpp_2m")
+    with pytest.raises(TypeError, match=r"num_inference_steps must be a whole number.*2.5"):
+        sch.set_timesteps(2.5)
+    sch.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8)
+    t = sch.timesteps[0]
+    with pytest.raises(ValueError, match=r"model output of shape \(2, 8, 8, 8\).*learned variance"):
+        sch.step(torch.randn(2, 8, 8, 8), t, x)
+    bad = torch.randn(2, 4, 8, 8)
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(fewstep.samplers.NonFiniteError, match="model output at evaluation 1 of 4.*holds NaN/inf"):
+        sch.step(bad, t, x)
+    zsnr = FewstepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+                            spacing="trailing", sampler="ddim")
+    zsnr.set_timesteps(4)
+    with pytest.raises(ValueError, match="epsilon-prediction cannot give x0 at zero SNR.*v_prediction"):
+        zsnr.step(torch.randn(2, 4, 8, 8), zsnr.timesteps[0], x)
+    # a prediction whose conversion overflows is named as the model output's, not the sampler's
+    sch.set_timesteps(4)
+    with pytest.raises(fewstep.samplers.NonFiniteError, match="epsilon output at evaluation 1.*NaN/inf data prediction"):
+        sch.step(torch.full((2, 4, 8, 8), 3e38), sch.timesteps[0], torch.full((2, 4, 8, 8), -3e38))

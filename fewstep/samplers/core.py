@@ -259,6 +259,9 @@ def validate_options(s: SamplerSpec, options: Mapping[str, Any]) -> dict[str, An
             f"{s.name} has no option {k!r}{close_matches(k, accepted)}; its options are: "
             f"{', '.join(sorted(accepted)) or '(none)'} (network inputs go in cond={{...}})"
         )
+    for k, v in options.items():  # NaN is never a meaningful option value; refuse it before it reaches the state
+        if isinstance(v, float) and math.isnan(v) or isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any()):
+            raise ValueError(f"{s.name}: option {k}={v!r} is NaN; give a number")
     return {**accepted, **options}
 
 

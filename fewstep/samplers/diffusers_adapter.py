@@ -317,6 +317,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         else:
             x = sample.to(work) if self._step_index else req.x
         x0 = to_x0(self._prediction_type, model_output, x, point.alpha, point.sigma).to(work)
+        if not bool(torch.isfinite(x0).all()):
+            raise NonFiniteError(
+                f"the {self._prediction_type} output at evaluation {self._step_index + 1} (timestep {timestep}, "
+                f"alpha={point.alpha:.3g}, sigma={point.sigma:.3g}) gives a NaN/inf data prediction"
+                + (": an epsilon prediction says nothing about x0 at zero SNR (alpha = 0); zero-terminal-SNR models "
+                   "are trained with prediction_type='v_prediction'" if point.alpha == 0 and self._prediction_type == "epsilon" else "")
+            )
         if self._boundary is not None:  # a consistency student: f = c_skip x + c_out x0
             c_skip, c_out = self._boundary[self._step_index]
             x0 = x * c_skip + x0 * c_out
