@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +82,7 @@ def run_fewstep(args, device: str) -> list[float]:
     teacher = DiffusersDenoiser(unet.eval(), DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
     obj = LCD(uncond={"encoder_hidden_states": torch.zeros(1, *text)}, num_ddim_steps=50)
     s = settings(args.variant, device)
+    shutil.rmtree(args.tmp, ignore_errors=True)  # its own scratch folder: a trainer refuses to start a second run in one
     cfg = DistillConfig(output_dir=args.tmp, steps=args.warmup + args.steps, batch_size=args.batch_size, lr=1e-6,
                         checkpoint_every=10**9, progress=False, log_every=10**6, cpu=device == "cpu",
                         attention=s.get("attention", "sdpa"), **{k: v for k, v in s.items() if k != "attention"})

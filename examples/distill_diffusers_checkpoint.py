@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from fewstep.distill.data import load_image_folder
     from fewstep.models import DiffusersDenoiser
 
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True, use_safetensors=True)
     teacher = DiffusersDenoiser.from_pipeline(pipe)  # schedule and prediction type from the pipeline's scheduler
     cfg = pipe.unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]

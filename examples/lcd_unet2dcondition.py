@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from fewstep.distill import LCD, Distiller, DistillConfig, TensorData, load_student
     from fewstep.models import DiffusersDenoiser
 
-    unet = UNet2DConditionModel.from_pretrained(args.teacher, local_files_only=True) if args.teacher else small_unet()
+    unet = UNet2DConditionModel.from_pretrained(args.teacher, local_files_only=True, use_safetensors=True) if args.teacher else small_unet()
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     teacher = DiffusersDenoiser(unet.eval(), scheduler)
     g = torch.Generator().manual_seed(0)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from fewstep import FewstepScheduler
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
     pipe = pipe.to(args.device)
     pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, sampler=args.sampler)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -94,6 +94,7 @@ def _load_teacher(folder: Path) -> tuple[Any, dict[str, Any]]:
     """A :class:`DiffusersDenoiser` and its scheduler config from a local diffusers folder."""
     import diffusers
 
+    from fewstep._util import require_safetensors
     from fewstep.models.diffusers_models import DiffusersDenoiser
 
     unet_dir = folder / "unet"
@@ -107,7 +108,8 @@ def _load_teacher(folder: Path) -> tuple[Any, dict[str, Any]]:
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise ValueError(f"unknown network class {cls_name!r} in {unet_dir / 'config.json'}")
-    unet = cls.from_pretrained(unet_dir, local_files_only=True)
+    require_safetensors(unet_dir, "the teacher's UNet folder")  # a pickled .bin only: one message, never unpickled
+    unet = cls.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)
     config = json.loads(sched_file.read_text())
     return DiffusersDenoiser(unet.eval(), config), config
 
@@ -120,20 +122,9 @@ def _load_data(path: Path, unet: Any) -> tuple[torch.Tensor, dict[str, torch.Ten
         from fewstep.distill.data import load_image_folder
 
         return load_image_folder(path, size, cfg.in_channels), {}, {}
-    if path.suffix == ".npy":
-        import numpy as np
+    from fewstep.distill.data import load_data_file
 
-        return torch.from_numpy(np.load(path)).float(), {}, {}
-    if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, torch.Tensor):
-            return obj.float(), {}, {}
-        if isinstance(obj, dict) and ("data" in obj or "latents" in obj):
-            data = obj.get("data", obj.get("latents"))
-            cond = {k: v for k, v in obj.items() if k not in ("data", "latents", "uncond") and isinstance(v, torch.Tensor)}
-            return data.float(), cond, dict(obj.get("uncond") or {})
-        raise ValueError(f"{path} must hold a tensor or a dict with 'data' (or 'latents'), conditioning tensors and 'uncond'")
-    raise ValueError(f"--data {path}: use a .pt/.pth/.npy file or a folder of images")
+    return load_data_file(path)  # .npy without pickles, .pt with weights_only=True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,10 +152,13 @@ def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from fewstep._util import atomic_write_json
     from fewstep.distill import Distiller, DistillConfig, TensorData
+    from fewstep.distill.checkpoint import check_output_dir
     from fewstep.distill.validate import QualityProbe
     from fewstep.eval.frechet import frechet_distance_from_features  # noqa: F401  (fail early if eval is broken)
 
+    check_output_dir(args.out, args.resume)  # a rerun on an existing run needs --resume: refused before any work
     args.objective = args.objective or DIGITS_DEFAULTS["objective"]
     digits = args.teacher is None
     on_cpu = args.cpu or digits or not torch.cuda.is_available()
@@ -193,8 +187,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.student is not None:
         import diffusers
 
+        from fewstep._util import require_safetensors
+
         cls_name = json.loads((args.student / "config.json").read_text()).get("_class_name", "UNet2DModel")
-        student = getattr(diffusers, cls_name).from_pretrained(args.student, local_files_only=True)
+        require_safetensors(args.student, "--student")
+        student = getattr(diffusers, cls_name).from_pretrained(args.student, local_files_only=True, use_safetensors=True)
     if args.student_prediction_type is not None and student is None:
         import copy
 
@@ -260,7 +257,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     rows = [(f"student ({objective.name}, {loaded.sampler})", k, s) for k, s in probe.student(loaded.denoiser, loaded.sampler, (1, 2, 4), loaded.sampler_options).items()]
     rows += teacher_rows
     _print_table(rows, digits)
-    (args.out / "quality.json").write_text(json.dumps([{"model": m, "nfe": k, **s} for m, k, s in rows], indent=1))
+    atomic_write_json(args.out / "quality.json", [{"model": m, "nfe": k, **s} for m, k, s in rows], indent=1)
     print(f"student saved to {result.student_dir} (load with fewstep.distill.load_student)")
     return 0
 

@@ -11,13 +11,15 @@ the next, so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from fewstep._util import image_files, load_images, seeded_generator
+from fewstep._util import image_files, load_images, load_torch_file, seeded_generator
 
 __all__ = [
     "sample_generators",
@@ -28,6 +30,7 @@ __all__ = [
     "TensorData",
     "MixtureData",
     "load_image_folder",
+    "load_data_file",
 ]
 
 
@@ -115,3 +118,41 @@ def load_image_folder(folder: Any, size: int, channels: int) -> torch.Tensor:
     :data:`fewstep._util.IMAGE_EXTENSIONS`) as (N, C, size, size) float32 in [-1, 1], converted to
     grey (``channels=1``) or RGB and resized with bicubic filtering."""
     return load_images(image_files(folder), mode="L" if channels == 1 else "RGB", size=size)
+
+
+_DATA_FIX = ("save the data as plain tensors: torch.save(images, path) with images (N, C, H, W) in [-1, 1], or a dict "
+             "{'data': tensor, <conditioning name>: tensor, 'uncond': {<name>: tensor}}; or numpy.save(path, array) as .npy")
+
+
+def load_data_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(data, cond, uncond)`` from a ``--data`` file of ``fewstep distill``, without running code
+    from it: ``.npy`` with ``allow_pickle=False`` (no object arrays), ``.pt`` / ``.pth`` with
+    ``torch.load(weights_only=True)`` (:func:`fewstep._util.load_torch_file`: tensors and plain
+    containers only; a pickled payload is refused before it runs).  A ``.pt`` file holds a tensor
+    (N, ...) or a dict with ``data`` (or ``latents``), conditioning tensors with N rows and
+    ``uncond`` (a dict of tensors, LCD's unconditional inputs)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"--data {path} is not a readable .npy array of numbers ({str(err).splitlines()[0]}); {_DATA_FIX}") from None
+        if array.dtype.kind not in "fiub":
+            raise ValueError(f"--data {path} holds {array.dtype} values, not numbers; {_DATA_FIX}")
+        return torch.from_numpy(np.ascontiguousarray(array)).float(), {}, {}
+    if path.suffix not in (".pt", ".pth"):
+        raise ValueError(f"--data {path}: use a .pt/.pth/.npy file or a folder of images")
+    obj = load_torch_file(path, what="training data (a tensor, or a dict of tensors)", fix=_DATA_FIX)
+    if isinstance(obj, torch.Tensor):
+        return obj.float(), {}, {}
+    if isinstance(obj, dict) and ("data" in obj or "latents" in obj):
+        data = obj.get("data", obj.get("latents"))
+        uncond = obj.get("uncond") or {}
+        cond = {k: v for k, v in obj.items() if k not in ("data", "latents", "uncond")}
+        bad = [f"{k!r}" for k, v in [("data", data), *cond.items()] if not isinstance(v, torch.Tensor)]
+        if not isinstance(uncond, dict) or not all(isinstance(v, torch.Tensor) for v in uncond.values()):
+            bad.append("'uncond'")
+        if bad:
+            raise ValueError(f"--data {path}: {', '.join(bad)} must be tensors ('uncond' a dict of tensors); {_DATA_FIX}")
+        return data.float(), {str(k): v for k, v in cond.items()}, {str(k): v for k, v in uncond.items()}
+    raise ValueError(f"--data {path} must hold a tensor or a dict with 'data' (or 'latents'), conditioning tensors and 'uncond'")

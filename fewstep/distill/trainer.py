@@ -20,7 +20,12 @@ copy, or the student under stop-gradient), the frozen teacher and the optimizer,
   consecutive skips stop the run with an explanation.
 * **Checkpoints.**  Atomic, with ``resume="latest"`` and a retention limit
   (:mod:`fewstep.distill.checkpoint`); a run killed at any moment resumes from its last checkpoint
-  and continues exactly as if it had not stopped.
+  and continues exactly as if it had not stopped.  Nothing is unpickled on resume: the EMA target
+  and the counters are fewstep's own safetensors / JSON files, and every ``torch.save`` file of
+  the checkpoint is verified with ``weights_only=True`` before accelerate reads it.  A folder that
+  already holds something is refused unless the run resumes (``resume=``); a resume whose
+  settings differ from the checkpoint's says which value is used (the checkpoint's learning
+  rate, betas and weight decay, which its optimizer state carries; this run's other settings).
 * **Result.**  The student in diffusers format plus the JSON naming its sampler
   (:mod:`fewstep.distill.export`).
 """
@@ -42,8 +47,8 @@ import numpy as np
 import torch
 
 from fewstep._dist import launched_distributed
-from fewstep._util import derived_seed
-from fewstep.distill.checkpoint import CheckpointDir
+from fewstep._util import atomic_write_text, derived_seed
+from fewstep.distill.checkpoint import EMA_FILE, CheckpointDir, check_output_dir, verify_checkpoint, write_state
 from fewstep.distill.data import DataSource, sample_generators
 from fewstep.distill.export import save_student
 from fewstep.distill.objective import Batch, ConsistencyObjective, Models
@@ -117,17 +122,16 @@ class DistillResult:
 
 
 class _Counters:
-    """Trainer counters, saved with every checkpoint."""
+    """Trainer counters, saved with every checkpoint (in ``fewstep_state.json``)."""
 
     def __init__(self) -> None:
         self.step = 0
         self.skipped = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "skipped": self.skipped}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+#: Settings recorded with a checkpoint that change the run when they change on resume (the
+#: optimizer's own hyperparameters are compared with its saved state instead).
+_RUN_SETTINGS = ("batch_size", "grad_accum", "warmup_steps", "grad_clip", "precision", "seed")
 
 
 def _check_writable(folder: Path) -> None:
@@ -213,6 +217,7 @@ class Distiller:
                 "LCD(guidance_embedding=False)"
             )
         self.out = Path(self.config.output_dir)
+        check_output_dir(self.out, self.config.resume)  # an existing run needs resume=; its checkpoint is verified
         _check_writable(self.out)
         self.checkpoints = CheckpointDir(self.out / "checkpoints", self.config.keep_checkpoints)
 
@@ -325,6 +330,12 @@ class Distiller:
         fsdp = str(acc.distributed_type).endswith("FSDP")
         if fsdp and self.objective.target_ema:
             raise ValueError("an EMA target network needs full parameters on every rank: use DDP, or target_ema=0 under FSDP")
+        if fsdp and "SHARDED" in str(getattr(getattr(acc.state, "fsdp_plugin", None), "state_dict_type", "")).upper():
+            raise ValueError(
+                "FSDP with SHARDED_STATE_DICT writes torch.distributed.checkpoint folders, whose metadata torch reads back "
+                "with pickle.load (a crafted file runs code), so fewstep could not resume them safely; set "
+                "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (or FSDP_STATE_DICT_TYPE=FULL_STATE_DICT)"
+            )
         attention = self._set_attention(student.network)
         if self.teacher is not None and isinstance(getattr(self.teacher, "model", None), torch.nn.Module) and not isinstance(self.teacher.model, AdaptersOff):
             weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
@@ -348,10 +359,7 @@ class Distiller:
         warm = max(int(cfg.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
         model, opt, sched = acc.prepare(student, opt, sched)
-        counters = _Counters()
-        if target is not None:
-            acc.register_for_checkpointing(target)
-        acc.register_for_checkpointing(counters)
+        counters = _Counters()  # saved by fewstep itself, as are the EMA target's weights: nothing is pickled
         inner = acc.unwrap_model(model)
         models = Models(student=model, target=target if target is not None else inner, teacher=self.teacher, extras={"device": device})
 
@@ -360,9 +368,19 @@ class Distiller:
         acc.wait_for_everyone()
         resumed = self.checkpoints.resolve(cfg.resume)
         if resumed is not None:
+            saved = verify_checkpoint(resumed, ema=target is not None, fsdp=fsdp, objective=self.objective.name)
             acc.load_state(str(resumed))
+            if target is not None:
+                from safetensors.torch import load_model
+
+                load_model(target, str(resumed / EMA_FILE), strict=True, device=str(device))
+            counters.step, counters.skipped = saved["step"], saved["skipped"]
+            if acc.is_main_process:
+                self._report_changes(resumed, saved, opt)
         else:
             self._preflight(models, acc, local)
+        if acc.is_main_process:
+            _trim_metrics(self.out / "metrics.jsonl", counters.step)
         start = counters.step
         bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {self.objective.name}", disable=not (cfg.progress and acc.is_main_process))
         losses: list[float] = []
@@ -427,7 +445,7 @@ class Distiller:
                     self._validate(inner, step + 1, history, bar)
                 acc.wait_for_everyone()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                self._checkpoint(acc, step + 1)
+                self._checkpoint(acc, step + 1, counters, target)
         bar.close()
         student_dir = self._finish(acc, model, inner, history)
         return DistillResult(counters.step, losses, student_dir, counters.skipped, resumed, attention, world, history)
@@ -460,10 +478,44 @@ class Distiller:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def _checkpoint(self, acc: Any, step: int) -> None:
+    def _report_changes(self, resumed: Path, saved: Mapping[str, Any], opt: Any) -> None:
+        """Warn about every setting of this run that differs from the checkpoint's, saying which
+        value the resumed run uses."""
+        cfg = self.config
+        group = opt.param_groups[0]
+        kept = {"lr": group.get("initial_lr", group["lr"]), "adam_betas": tuple(group["betas"]), "weight_decay": group["weight_decay"]}
+        asked = {"lr": cfg.lr, "adam_betas": tuple(cfg.adam_betas), "weight_decay": cfg.weight_decay}
+        for name, value in kept.items():
+            if not _same(value, asked[name]):
+                warnings.warn(
+                    f"resuming from {resumed}: its optimizer state trains with {name}={value!r}, this run asks for "
+                    f"{name}={asked[name]!r}; the checkpoint's {name}={value!r} is used (the saved optimizer and LR schedule "
+                    f"carry it). To train with {name}={asked[name]!r}, start a new run in another output folder",
+                    stacklevel=3,
+                )
+        before = saved.get("config") or {}
+        for name in _RUN_SETTINGS:
+            now = getattr(cfg, name)
+            if name in before and not _same(before[name], now):
+                warnings.warn(
+                    f"resuming from {resumed}: it was trained with {name}={before[name]!r}, this run uses {name}={now!r} from "
+                    "here on (the resumed run will differ from an uninterrupted one)",
+                    stacklevel=3,
+                )
+
+    def _checkpoint(self, acc: Any, step: int, counters: _Counters, target: torch.nn.Module | None) -> None:
         tmp = self.checkpoints.temporary(step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            if target is not None:
+                from safetensors.torch import save_model
+
+                save_model(target, str(tmp / EMA_FILE))
+            settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()
+                        if k in (*_RUN_SETTINGS, "lr", "adam_betas", "weight_decay", "steps")}
+            write_state(tmp, {"step": counters.step, "skipped": counters.skipped, "objective": self.objective.name,
+                              "ema": target is not None, "config": settings})
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.checkpoints.commit(step)
@@ -490,6 +542,34 @@ class Distiller:
             save_student(folder, _merged(final), description, self.scheduler_config)
         acc.wait_for_everyone()
         return folder
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings (numbers to float rounding; tuples and lists alike)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (a resumed run rewrites the later ones; a
+    fresh start keeps none), dropping a line a kill cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if step == 0 or not kept:
+        path.unlink()
+    else:
+        atomic_write_text(path, "\n".join(kept) + "\n")
 
 
 def _merged(student: ConsistencyStudent) -> ConsistencyStudent:

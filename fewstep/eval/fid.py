@@ -15,9 +15,15 @@ features and compares them with reference statistics.  How it keeps its promises
   processes, or a killed and resumed run, evaluates the same network batches and gives bit-identical
   samples.
 * **Resumable.**  Each batch's features (and the first ``keep_images`` images) are written to
-  ``run_dir/cells/<cell>/chunk_<start>_<end>.npz`` atomically (temporary file, then rename) as soon
-  as the batch is done; a new call with the same ``run_dir`` generates only the index ranges no
-  chunk covers.  A killed run loses at most the batches in flight.  ``run_dir/manifest.json``
+  ``run_dir/cells/<cell>/chunk_<start>_<end>.npz`` atomically (a uniquely named temporary file,
+  then a rename) as soon as the batch is done; a new call with the same ``run_dir`` generates only
+  the index ranges no chunk covers.  A killed run loses at most the batches in flight.
+* **Run folders heal.**  A chunk that cannot be read or does not hold what its name says (truncated
+  by a full disk or a copy, written by something else, an object array) is deleted with a warning
+  naming it and generated again; chunks are read without unpickling (``allow_pickle=False``).  Runs
+  with different batch sizes, one after the other or at the same time, may leave chunks whose
+  ranges overlap: reading takes each sample index once (from the chunk that reaches furthest) and
+  generation fills only the indices no chunk covers, so the folder stays usable.  ``run_dir/manifest.json``
   records what the samples depend on (the model -- its ``model_id``, or a fingerprint of an
   ``nn.Module`` denoiser's weights and settings --, the schedule, shape, seed, sample count,
   extractor, dtype) and a mismatching run folder is refused rather than mixed.
@@ -38,9 +44,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,12 +60,12 @@ import torch
 
 import fewstep
 from fewstep._dist import barrier, maybe_init_distributed
-from fewstep._util import module_fingerprint, seeded_generator
+from fewstep._util import atomic_savez, atomic_write_bytes, module_fingerprint, seeded_generator
 from fewstep.eval.features import FeatureExtractor, get_extractor
 from fewstep.eval.frechet import frechet_distance
 from fewstep.eval.kid import kernel_inception_distance
 from fewstep.eval.reference import ReferenceStats
-from fewstep.eval.stats import RunningStats, atomic_savez, atomic_write_bytes
+from fewstep.eval.stats import RunningStats
 from fewstep.samplers.core import NonFiniteError, model_schedule, prepare
 
 __all__ = [
@@ -133,37 +142,129 @@ class FidTable:
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
 
-    def _chunks(self, sampler: str, nfe: int) -> list[dict[str, np.ndarray]]:
-        return [c for _, _, c in _read_chunks(self.run_dir / "cells" / self.cells[(sampler, nfe)])]
+    def _pieces(self, sampler: str, nfe: int) -> list[tuple[int, int, _Chunk]]:
+        folder = self.run_dir / "cells" / self.cells[(sampler, nfe)]
+        chunks = _read_chunks(folder)
+        try:
+            n = self.row(sampler, nfe).num_samples
+        except KeyError:
+            n = 0
+        return _cover(chunks, n or max((c[1] for c in chunks), default=0))[0]
 
     def features(self, sampler: str, nfe: int) -> np.ndarray:
         """The (N, F) features of a cell, in sample-index order."""
-        return np.concatenate([c["features"] for c in self._chunks(sampler, nfe)])
+        parts = [c[2]["features"][lo - c[0] : hi - c[0]] for lo, hi, c in self._pieces(sampler, nfe)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
     def images(self, sampler: str, nfe: int) -> torch.Tensor:
         """The first ``keep_images`` samples of a cell, in index order."""
-        parts = [c["images"] for c in self._chunks(sampler, nfe) if "images" in c and len(c["images"])]
+        parts = _image_prefix(self._pieces(sampler, nfe))
         return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0)
 
 
-def _read_chunks(folder: Path) -> list[tuple[int, int, dict[str, np.ndarray]]]:
-    out = []
+_Chunk = tuple[int, int, dict[str, np.ndarray]]  # (start, end, arrays) of one chunk file
+_CHUNK_NAME = re.compile(r"^chunk_(\d+)_(\d+)\.npz$")
+
+
+def _chunk_problem(name: str, data: Mapping[str, np.ndarray], dim: int | None) -> str | None:
+    """Why the arrays of a chunk file are not a chunk of this run (``None`` if they are)."""
+    m = _CHUNK_NAME.match(name)
+    if m is None:
+        return "its name is not chunk_<start>_<end>.npz"
+    missing = [k for k in ("start", "end", "features", "seconds") if k not in data]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    try:
+        start, end = int(data["start"]), int(data["end"])
+    except (TypeError, ValueError):
+        return "its start and end are not integers"
+    if (start, end) != (int(m.group(1)), int(m.group(2))) or not 0 <= start < end:
+        return f"it says it holds samples [{start}, {end}), not what its name says"
+    f = data["features"]
+    if f.ndim != 2 or f.shape[0] != end - start or f.dtype.kind != "f":
+        return f"its features have shape {f.shape} ({f.dtype}), not ({end - start}, D) floats"
+    if dim is not None and f.shape[1] != dim:
+        return f"its features have dimension {f.shape[1]}, not the extractor's {dim}"
+    if not np.isfinite(f).all():
+        return "its features are not finite"
+    sec = data["seconds"]
+    if sec.shape != () or sec.dtype.kind not in "fiu" or not float(sec) >= 0:
+        return "its seconds entry is not one non-negative number"
+    if "images" in data:
+        im = data["images"]
+        if im.ndim < 1 or im.shape[0] > end - start or im.dtype.kind != "f":
+            return f"its images have shape {im.shape} ({im.dtype}), more than its {end - start} samples or not floats"
+    return None
+
+
+def _read_chunks(folder: Path, dim: int | None = None) -> list[_Chunk]:
+    """Every valid chunk of a cell folder, sorted by start.  A file that cannot be read or is not a
+    chunk of this run is deleted with a warning naming it, so its samples are generated again."""
+    out: list[_Chunk] = []
     if not folder.is_dir():
         return out
     for p in sorted(folder.glob("chunk_*.npz")):
         try:
             with np.load(p, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError):  # not ours or damaged outside our atomic writes: redo it
+            problem = _chunk_problem(p.name, data, dim)
+        except FileNotFoundError:  # another process healed it first
+            continue
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+            problem = f"it cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        if problem is not None:
+            warnings.warn(f"{p}: {problem}; deleting it, its samples will be generated again", stacklevel=3)
             p.unlink(missing_ok=True)
             continue
         out.append((int(data["start"]), int(data["end"]), data))
-    out.sort(key=lambda c: c[0])
+    out.sort(key=lambda c: (c[0], -c[1]))
     return out
 
 
-def _covered(folder: Path) -> list[tuple[int, int]]:
-    return [(s, e) for s, e, _ in _read_chunks(folder)]
+def _cover(chunks: Sequence[_Chunk], n: int) -> tuple[list[tuple[int, int, _Chunk]], list[tuple[int, int]]]:
+    """Take every index of ``[0, n)`` once from the chunks, which may overlap (runs with another
+    batch size) or leave gaps: ``(pieces, gaps)``, pieces ``(lo, hi, chunk)`` in index order, each
+    from the chunk covering ``lo`` that reaches furthest (the earliest-starting of equals)."""
+    order = sorted(chunks, key=lambda c: (c[0], -c[1]))
+    pieces: list[tuple[int, int, _Chunk]] = []
+    gaps: list[tuple[int, int]] = []
+    pos = 0
+    while pos < n:
+        best = None
+        for c in order:
+            if c[0] > pos:
+                break
+            if c[1] > pos and (best is None or c[1] > best[1]):
+                best = c
+        if best is None:
+            nxt = min([c[0] for c in order if c[0] > pos] + [n])
+            gaps.append((pos, nxt))
+            pos = nxt
+            continue
+        hi = min(best[1], n)
+        pieces.append((pos, hi, best))
+        pos = hi
+    return pieces, gaps
+
+
+def _image_prefix(pieces: Sequence[tuple[int, int, _Chunk]]) -> list[np.ndarray]:
+    """The kept images of the contiguous prefix ``[0, k)`` of sample indices."""
+    parts, pos = [], 0
+    for lo, hi, (s, _, c) in pieces:
+        if lo != pos or "images" not in c:
+            break
+        top = min(hi, s + len(c["images"]))
+        if top <= lo:
+            break
+        parts.append(c["images"][lo - s : top - s])
+        pos = top
+        if top < hi:
+            break
+    return parts
+
+
+def _covered(folder: Path, dim: int | None = None) -> list[tuple[int, int]]:
+    return [(s, e) for s, e, _ in _read_chunks(folder, dim)]
 
 
 def _missing(covered: Iterable[tuple[int, int]], n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -185,6 +286,26 @@ def _missing(covered: Iterable[tuple[int, int]], n: int, batch_size: int) -> lis
             out.append((i, j))
             i = j
     return out
+
+
+def _read_error(folder: Path) -> str | None:
+    """The error a cell recorded (``error.json``), or ``None``; an unreadable record is deleted with
+    a warning, so the cell is tried again."""
+    path = folder / "error.json"
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        if isinstance(rec, dict) and isinstance(rec.get("error"), str):
+            return rec["error"]
+        problem = 'it is not {"error": "..."}'
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        problem = f"it cannot be read ({err})"
+    warnings.warn(f"{path}: {problem}; deleting it, the cell will be run again", stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def _model_key(denoiser: Any, model_id: str | None, temporary: bool) -> str:
@@ -214,8 +335,18 @@ def _schedule_key(schedule: Any) -> str:
 
 def _check_manifest(run_dir: Path, manifest: dict[str, Any], rank: int) -> None:
     path = run_dir / _MANIFEST
-    if path.is_file():
-        old = json.loads(path.read_text())
+    if path.exists() or path.is_symlink():
+        try:
+            if not path.is_file() or path.is_symlink():
+                raise ValueError("it is not a regular file")
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("it does not hold a JSON object")
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{path} cannot be read ({err}), so fewstep cannot tell which run the samples in {run_dir} belong to; "
+                "delete that folder to start over, or use another run folder"
+            ) from None
         diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if diff:
             raise ValueError(
@@ -297,6 +428,7 @@ def fid_per_nfe(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     schedule = model_schedule(denoiser, schedule)
+    dim = int(np.asarray(reference.mu).shape[0])  # the features' dimension: a chunk with another one is not ours
     options = {k: dict(v) for k, v in (sampler_options or {}).items()}
     unknown = set(options) - set(samplers)
     if unknown:
@@ -344,10 +476,11 @@ def fid_per_nfe(
                     errors[(name, int(nfe))] = str(err)
                     continue
                 folder = run / "cells" / key
-                if (folder / "error.json").is_file():
-                    errors[(name, int(nfe))] = json.loads((folder / "error.json").read_text())["error"]
+                recorded = _read_error(folder)
+                if recorded is not None:
+                    errors[(name, int(nfe))] = recorded
                     continue
-                for s, e in _missing(_covered(folder), num_samples, batch_size):
+                for s, e in _missing(_covered(folder, dim), num_samples, batch_size):
                     work.append((name, int(nfe), s, e))
         barrier()  # every rank planned from the same files
 
@@ -395,22 +528,25 @@ def fid_per_nfe(
                 key, nfe = cells[(name, int(nfe))], int(nfe)
                 stoch = stochastic.get((name, nfe), fewstep.spec(name).stochastic)
                 folder = run / "cells" / key
-                if (folder / "error.json").is_file() and (name, nfe) not in errors:
-                    errors[(name, nfe)] = json.loads((folder / "error.json").read_text())["error"]
+                if (name, nfe) not in errors:
+                    recorded = _read_error(folder)
+                    if recorded is not None:
+                        errors[(name, nfe)] = recorded
                 if (name, nfe) in errors:
                     rows.append(FidRow(name, nfe, math.nan, math.nan, math.nan, 0, math.nan, stoch, errors[(name, nfe)]))
                     continue
-                chunks = _read_chunks(folder)
-                stats, feats, seconds, count = RunningStats(), [], 0.0, 0
-                for s, e, c in chunks:
-                    if s != count:
-                        raise RuntimeError(f"internal error: {folder} has a gap or overlap at index {count} (chunk starts at {s})")
-                    stats.update(c["features"])
-                    feats.append(c["features"])
-                    seconds += float(c["seconds"])
-                    count = e
-                if count != num_samples:
-                    raise RuntimeError(f"internal error: {folder} covers {count} of {num_samples} samples")
+                pieces, gaps = _cover(_read_chunks(folder, dim), num_samples)
+                if gaps:
+                    raise RuntimeError(
+                        f"{folder} lacks samples {', '.join(f'[{a}, {b})' for a, b in gaps)} (another process deleted or "
+                        "is still writing them?); run fid_per_nfe again with this run folder to generate them"
+                    )
+                stats, feats, seconds = RunningStats(), [], 0.0
+                for lo, hi, (s, e, c) in pieces:
+                    part = c["features"][lo - s : hi - s]
+                    stats.update(part)
+                    feats.append(part)
+                    seconds += float(c["seconds"]) * (hi - lo) / (e - s)  # a piece of a chunk: its share of the time
                 fid = frechet_distance(stats.mean, stats.cov, reference.mu, reference.sigma)
                 kid = kid_std = math.nan
                 if reference.features is not None:

@@ -2,7 +2,9 @@
 
 * ``"embedded"``: the shipped digits UNet (:mod:`fewstep.models.embedded`), shape (1, 8, 8);
 * a folder holding a pixel-space diffusers pipeline (``model_index.json``; loaded with
-  ``local_files_only``, nothing is downloaded), shape from its UNet's config.  Latent pipelines
+  ``local_files_only``, nothing is downloaded, and ``use_safetensors=True``: a component whose
+  weights exist only as a pickled ``.bin`` is refused with how to convert it, never unpickled),
+  shape from its UNet's config.  Latent pipelines
   (a ``vae`` in ``model_index.json``) are refused: their samples are latents, which the report
   would have to decode through the VAE before extracting features;
 * ``"module:attribute"``: a denoiser (callable ``D(x, t)`` with a ``.schedule``), or a
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fewstep._util import module_fingerprint
+from fewstep._util import PICKLE_SUFFIXES, module_fingerprint, require_safetensors
 from fewstep.eval.features import import_object
 
 __all__ = ["ResolvedModel", "resolve_model"]
@@ -62,6 +64,14 @@ def _refuse_latent_pipeline(folder: Path) -> None:
         )
 
 
+def _require_safetensors_pipeline(folder: Path) -> None:
+    """Every component folder of a pipeline that holds weights holds them as safetensors."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [f for f in sub.iterdir() if f.is_file()]
+        if any(f.name.endswith(".safetensors") or f.name.lower().endswith(PICKLE_SUFFIXES) for f in files):
+            require_safetensors(sub, f"the pipeline component {sub.name!r}:")
+
+
 def _shape(shape: Any, origin: str) -> tuple[int, ...]:
     try:
         out = tuple(int(s) for s in shape)
@@ -93,11 +103,12 @@ def resolve_model(
         if not (folder / "model_index.json").is_file():
             raise ValueError(f"{folder} is not a saved diffusers pipeline (no model_index.json); save one with pipeline.save_pretrained(folder)")
         _refuse_latent_pipeline(folder)
+        _require_safetensors_pipeline(folder)
         from diffusers import DiffusionPipeline
 
         from fewstep.models.diffusers_models import DiffusersDenoiser
 
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype or torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype or torch.float32)
         den = DiffusersDenoiser.from_pipeline(pipe)
         net = den.model.to(device) if device is not None else den.model
         den.model = net

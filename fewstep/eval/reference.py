@@ -13,7 +13,9 @@ The cache file is ``<extractor name>__<source key>.npz`` in the cache folder (``
 default ``~/.cache/fewstep/stats``).  The source key names the data and fingerprints it (a hash of
 the tensor's bytes; of the folder's file names, sizes and modification times), and the file records
 the sample count, so stale or mismatched statistics are never picked up.  Files are written
-atomically: an interrupted run leaves no half-written cache.  Under ``torch.distributed`` each
+atomically: an interrupted run leaves no half-written cache, and a cache file damaged some other
+way (truncated by a copy, an object array, wrong shapes) is recomputed with a warning naming it.
+Statistics files are read with ``allow_pickle=False``: nothing in them is unpickled.  Under ``torch.distributed`` each
 process extracts the features of its share of the images and the shares are merged.
 """
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +35,9 @@ import numpy as np
 import torch
 
 from fewstep._dist import rank_world
-from fewstep._util import IMAGE_EXTENSIONS, image_files, load_images
+from fewstep._util import IMAGE_EXTENSIONS, atomic_savez, check_replaceable, image_files, load_images
 from fewstep.eval.features import FeatureExtractor, get_extractor
-from fewstep.eval.stats import RunningStats, as_features, atomic_savez
+from fewstep.eval.stats import RunningStats, as_features
 
 __all__ = ["ReferenceStats", "reference_stats", "default_cache_dir", "image_files", "load_images", "IMAGE_EXTENSIONS"]
 
@@ -82,19 +86,28 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStats":
+        """Read a file written by :meth:`save` (``allow_pickle=False``: object arrays are refused,
+        nothing is unpickled); a file that is not one is a ``ValueError`` naming it."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(
-                    z["mu"].astype(np.float64),
-                    z["sigma"].astype(np.float64),
-                    int(z["num_samples"]),
-                    str(z["extractor"]),
-                    str(z["source"]),
-                    z["features"] if "features" in z.files else None,
-                    str(z["created"]) if "created" in z.files else "",
-                )
-        except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"{path} is not a fewstep reference-statistics file ({err}); recompute it") from None
+                data = {k: z[k] for k in z.files}
+            problem = _stats_problem(data)
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if problem is not None:
+            raise ValueError(
+                f"{path} is not a fewstep reference-statistics file ({problem}); recompute it with "
+                "fewstep.eval.reference.reference_stats(source, extractor) from the images, or delete it"
+            ) from None
+        return cls(
+            data["mu"].astype(np.float64),
+            data["sigma"].astype(np.float64),
+            int(data["num_samples"]),
+            str(data["extractor"]),
+            str(data["source"]),
+            data["features"] if "features" in data else None,
+            str(data["created"]) if "created" in data else "",
+        )
 
     def check_extractor(self, extractor: FeatureExtractor) -> None:
         if self.extractor != extractor.name:
@@ -102,6 +115,28 @@ class ReferenceStats:
                 f"these reference statistics were computed with extractor {self.extractor!r}, not {extractor.name!r}; "
                 "compute them with the extractor you evaluate with"
             )
+
+
+def _stats_problem(data: dict[str, np.ndarray]) -> str | None:
+    """Why arrays read from a statistics file are not reference statistics (``None`` if they are)."""
+    missing = [k for k in ("mu", "sigma", "num_samples", "extractor", "source") if k not in data]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    mu, sigma, n = data["mu"], data["sigma"], data["num_samples"]
+    if mu.ndim != 1 or mu.dtype.kind != "f" or sigma.shape != (mu.shape[0], mu.shape[0]) or sigma.dtype.kind != "f":
+        return f"mu {mu.shape} and sigma {sigma.shape} are not a mean (D,) and a covariance (D, D) of floats"
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        return "mu or sigma is not finite"
+    if n.shape != () or n.dtype.kind not in "iu" or int(n) < 2:
+        return f"num_samples is {n!r}, not a count of at least 2"
+    for k in ("extractor", "source", "created"):
+        if k in data and (data[k].shape != () or data[k].dtype.kind != "U"):
+            return f"{k} is not a string"
+    if "features" in data:
+        f = data["features"]
+        if f.ndim != 2 or f.shape != (int(n), mu.shape[0]) or f.dtype.kind != "f" or not np.isfinite(f).all():
+            return f"features {f.shape} are not {int(n)} finite rows of {mu.shape[0]} floats"
+    return None
 
 
 def _folder_key(folder: Path, files: Sequence[Path]) -> str:
@@ -197,9 +232,15 @@ def reference_stats(
         cache = Path(cache_dir)
     path = cache / f"{ext.name}__{key}.npz" if cache is not None else None
     if path is not None and path.is_file():
-        ref = ReferenceStats.load(path)
-        if ref.num_samples == n and ref.extractor == ext.name and ref.source == key:
-            return ref
+        try:
+            ref = ReferenceStats.load(path)
+        except ValueError as err:  # truncated or not ours: recompute (the save below replaces it atomically)
+            warnings.warn(f"the cached reference statistics are damaged, recomputing them: {err}", stacklevel=2)
+        else:
+            if ref.num_samples == n and ref.extractor == ext.name and ref.source == key:
+                return ref
+    if path is not None:
+        check_replaceable(path)  # a folder or a link where the cache goes: say so before extracting features
     features = _extract(n, get, ext, batch_size, progress, f"reference features ({key})")
     ref = ReferenceStats.from_features(features, ext.name, key)
     rank, _ = rank_world()

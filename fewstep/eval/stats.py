@@ -16,13 +16,12 @@ its own mean, which keeps the sums well conditioned) and the states of several p
 
 from __future__ import annotations
 
-import io
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fewstep._util import atomic_savez, atomic_write_bytes  # the one atomic writer, re-exported here
 
 __all__ = ["RunningStats", "as_features", "atomic_write_bytes", "atomic_savez"]
 
@@ -37,30 +36,6 @@ def as_features(features: Any) -> np.ndarray:
     if not np.isfinite(f).all():
         raise ValueError("features contain NaN or infinite values (non-finite samples?)")
     return f
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a
-    part (a temporary file in the same folder, flushed to disk, then renamed over ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
-    """``numpy.savez`` to ``path``, atomically (see :func:`atomic_write_bytes`)."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 class RunningStats:

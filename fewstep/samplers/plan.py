@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from fewstep._util import atomic_write_json
 from fewstep.samplers._expint import combine
 from fewstep.samplers.core import Eval, NoiseSource, Program, Routine, Setup, prepare
 from fewstep.samplers.registry import SamplerSpec
@@ -80,11 +82,11 @@ def probe_table(program: Program) -> list[list[float]]:
 def _check_table(table: Any, nfe: int) -> list[list[float]]:
     if isinstance(table, torch.Tensor):
         table = table.tolist()
-    if not isinstance(table, Sequence) or len(table) != nfe + 1:
+    if not isinstance(table, Sequence) or isinstance(table, str) or len(table) != nfe + 1:
         raise ValueError(f"a coefficient table for nfe={nfe} has {nfe + 1} rows of {nfe + 1} numbers")
     rows = []
     for i, row in enumerate(table):
-        r = [float(v) for v in row]
+        r = _numbers(row, f"row {i} of the coefficient table")
         if len(r) != nfe + 1:
             raise ValueError(f"row {i} of the coefficient table has {len(r)} numbers, expected {nfe + 1}")
         if any(v != 0.0 for v in r[1 + i :]) and i < nfe:
@@ -95,6 +97,19 @@ def _check_table(table: Any, nfe: int) -> list[list[float]]:
     if rows[0] != [1.0] + [0.0] * nfe:
         raise ValueError("row 0 of the coefficient table must be x_T itself: [1, 0, ..., 0]")
     return rows
+
+
+def _numbers(values: Any, what: str) -> list[float]:
+    """``values`` as a list of floats; anything but a list of real numbers (strings, booleans,
+    nested lists: what a hand-edited or foreign JSON file may hold) is a ``ValueError``."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise ValueError(f"{what} must be a list of numbers, got {type(values).__name__}")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+    if bad:
+        raise ValueError(f"{what} must be a list of numbers, found {bad[0]!r}")
+    return [float(v) for v in values]
 
 
 def table_routine(times: Sequence[float], table: Sequence[Sequence[float]]):
@@ -175,10 +190,30 @@ class SamplingPlan:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.grid = [float(t) for t in self.grid]
-        self.eval_times = [float(t) for t in self.eval_times]
+        from fewstep.samplers.registry import spec
+
+        if not isinstance(self.sampler, str):
+            raise ValueError(f"sampler must name a registered sampler, got {self.sampler!r}")
+        spec(self.sampler)  # an unknown name lists the close ones
+        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
+            raise ValueError(f"nfe must be a positive integer, got {self.nfe!r}")
+        self.grid = _numbers(self.grid, "grid")
+        if len(self.grid) < 2 or not all(math.isfinite(t) for t in self.grid):
+            raise ValueError(f"grid must hold at least two finite times, got {self.grid}")
+        self.eval_times = _numbers(self.eval_times, "eval_times")
+        if not all(math.isfinite(t) for t in self.eval_times):
+            raise ValueError(f"eval_times must be finite, got {self.eval_times}")
         if len(self.eval_times) != self.nfe:
             raise ValueError(f"a plan for nfe={self.nfe} has {self.nfe} evaluation times, got {len(self.eval_times)}")
+        for name in ("options", "schedule", "meta"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"{name} must be a JSON object (a dict with string keys), got {type(value).__name__}")
+            setattr(self, name, dict(value))
+        try:
+            from_config(self.schedule)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"schedule is not a fewstep schedule config ({type(err).__name__}: {err})") from None
         if self.table is not None:
             self.table = _check_table(self.table, self.nfe)
 
@@ -204,6 +239,10 @@ class SamplingPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SamplingPlan":
+        """A plan from its plain data; every field is checked (types, lengths, finite numbers, a
+        registered sampler, a schedule config), so a malformed plan fails here with what is wrong."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"not a fewstep sampling plan (a JSON object with format {PLAN_FORMAT!r}), got {type(data).__name__}")
         data = dict(data)
         fmt = data.pop("format", None)
         if fmt != PLAN_FORMAT:
@@ -212,26 +251,30 @@ class SamplingPlan:
             return cls(**data)
         except TypeError as err:
             raise ValueError(f"malformed sampling plan: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"malformed sampling plan: {err}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON (atomically: a temporary file, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        """Write the plan as JSON, atomically: a uniquely named temporary file in the target's
+        folder, then a rename (:func:`fewstep._util.atomic_write_bytes`), so concurrent saves
+        never leave a partial file.  The target must be absent or a regular file."""
+        return atomic_write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SamplingPlan":
+        """Read a plan written by :meth:`save` (plain JSON: nothing in it is executed or
+        unpickled); a file that is not a valid plan is a ``ValueError`` naming it."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no sampling plan at {path}; write one with `fewstep tune --out {path}`")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"{path} is not a sampling plan (not valid JSON: {err}); write one with `fewstep tune --out {path}`") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}; write a new plan with `fewstep tune --out {path}`") from None
 
     def __repr__(self) -> str:
         parts = [f"sampler={self.sampler!r}", f"nfe={self.nfe}"]
