@@ -44,6 +44,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 _MODEL_HELP = "use 'embedded', a folder holding a saved diffusers pipeline, or module:attribute naming a denoiser"
+_DIGITS_SOURCES = ("digits", "digits:all", "digits:train", "digits:test")  # what fewstep.eval.reference reads
 _INCEPTION = ("inception", "inception-clean", "inception-tf", "inception-legacy-tensorflow", "inception-legacy_tensorflow")
 
 
@@ -70,11 +71,9 @@ def _check_reference(source: str) -> None:
     """``--reference``: a digits split, a fewstep ``.npz``, or a folder of readable images."""
     import zipfile
 
-    from fewstep.eval.reference import _DIGITS_SPLITS
-
     text = str(source).strip()
     what = "use a folder of real images, a .npz written by fewstep, or digits[:train|:test]"
-    if text.lower() in _DIGITS_SPLITS:
+    if text.lower() in _DIGITS_SOURCES:
         return
     if text.lower().startswith("digits:"):
         raise UsageError(f"--reference {source!r}: unknown digits split; use digits, digits:train or digits:test")
