@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from fewstep import _cli_checks as check
+from fewstep._cli_checks import UsageError
 from fewstep.samplers.tuning import INGREDIENTS
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
-
-
-def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
@@ -47,41 +39,190 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from fewstep.eval.report import run_report
+# ---------------------------------------------------------------------------------------------
+# fewstep report
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_HELP = "use 'embedded', a folder holding a saved diffusers pipeline, or module:attribute naming a denoiser"
+_DIGITS_SOURCES = ("digits", "digits:all", "digits:train", "digits:test")  # what fewstep.eval.reference reads
+_INCEPTION = ("inception", "inception-clean", "inception-tf", "inception-legacy-tensorflow", "inception-legacy_tensorflow")
+
+
+def _check_samplers(names: Sequence[str] | None, arg: str = "--samplers") -> None:
+    import fewstep
+
+    for n in names or ():
+        try:
+            fewstep.spec(n)
+        except ValueError as err:
+            raise UsageError(f"{arg} {n!r}: {err}") from None
+
+
+def _check_pipeline_folder(spec: str, arg: str) -> None:
+    from fewstep.eval.model_spec import _refuse_latent_pipeline
 
     try:
-        paths = run_report(
-            out_dir=args.out,
-            samplers=args.samplers,
-            nfes=args.nfe,
-            num_samples=args.num_samples,
-            seed=args.seed,
-            progress=not args.quiet,
-            command="fewstep " + " ".join(sys.argv[1:]) if sys.argv[1:] else "fewstep report",
-            model=args.model,
-            extractor=args.extractor,
-            reference=args.reference,
-            inception_path=args.inception_path,
-            shape=args.shape,
-            batch_size=args.batch_size,
-            run_dir=args.run_dir,
-            device=args.device,
-            fid=not args.no_fid,
-            exact=not args.no_exact,
-        )
-    except FileNotFoundError as err:  # missing weights (Inception, shipped files): the message says what to do
-        print(f"fewstep report: error: {err}", file=sys.stderr)
-        return 2
+        _refuse_latent_pipeline(Path(spec).expanduser())
+    except ValueError as err:
+        raise UsageError(f"{arg} {spec!r}: {err}") from None
+
+
+def _check_reference(source: str) -> None:
+    """``--reference``: a digits split, a fewstep ``.npz``, or a folder of readable images."""
+    import zipfile
+
+    text = str(source).strip()
+    what = "use a folder of real images, a .npz written by fewstep, or digits[:train|:test]"
+    if text.lower() in _DIGITS_SOURCES:
+        return
+    if text.lower().startswith("digits:"):
+        raise UsageError(f"--reference {source!r}: unknown digits split; use digits, digits:train or digits:test")
+    path = Path(text).expanduser()
+    if text.endswith(".npz"):
+        check.existing_path(path, "--reference", folder=False, what=what)
+        need = {"mu.npy", "sigma.npy", "num_samples.npy", "extractor.npy", "source.npy"}
+        try:
+            with zipfile.ZipFile(path) as z:
+                missing = need - set(z.namelist())
+        except (OSError, zipfile.BadZipFile) as err:
+            raise UsageError(f"--reference {source!r} is not a fewstep reference-statistics file ({err}); "
+                             "recompute it, or point --reference at the images") from None
+        if missing:
+            raise UsageError(f"--reference {source!r} is not a fewstep reference-statistics file (no {', '.join(sorted(missing))}); "
+                             "recompute it, or point --reference at the images")
+        return
+    if path.is_dir():
+        if check.image_folder(path, "--reference", same_size=True) < 2:
+            raise UsageError(f"--reference {source!r} holds a single image; reference statistics need at least 2")
+        return
+    if path.exists():
+        raise UsageError(f"--reference {source!r} is a file, not a folder of images or a .npz statistics file; {what}")
+    raise UsageError(f"--reference {source!r}: no such folder or file; {what}")
+
+
+def _check_report(args: argparse.Namespace) -> None:
+    """Every value of ``fewstep report`` that can be checked without loading or computing anything."""
+    if args.no_fid and args.no_exact:
+        raise UsageError("--no-fid and --no-exact switch off both studies; drop one of them")
+    fid_only = {"--model": args.model, "--shape": args.shape, "--extractor": args.extractor, "--reference": args.reference,
+                "--inception-path": args.inception_path, "--batch-size": args.batch_size, "--run-dir": args.run_dir,
+                "--device": args.device}
+    if args.no_fid:
+        given = [k for k, v in fid_only.items() if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to the FID study, which --no-fid "
+                             f"switches off; drop {'it' if len(given) == 1 else 'them'} or --no-fid")
+    _check_samplers(args.samplers)
+    check.output_dir(args.out, "--out")
+    if args.no_fid:
+        return
+    if args.run_dir is not None:
+        check.output_dir(args.run_dir, "--run-dir")
+    model = "embedded" if args.model is None else args.model
+    kind = check.model_spec(model, "--model", ("embedded",), _MODEL_HELP)
+    if kind == "folder":
+        _check_pipeline_folder(model, "--model")
+    if args.shape is not None and kind == "name":
+        raise UsageError(f"--shape {','.join(map(str, args.shape))}: the embedded model's samples are 1x8x8; --shape goes with "
+                         "a pipeline folder or a module:attribute model")
+    if args.reference is None and kind != "name":
+        raise UsageError(f"--model {model!r} needs --reference: a folder of real images, a .npz written by fewstep, or "
+                         "digits[:train|:test]")
+    extractor = "digits" if args.extractor is None else args.extractor
+    key = extractor.strip().lower()
+    if key in _INCEPTION:
+        from fewstep.eval.features import find_inception
+
+        try:
+            find_inception(args.inception_path)
+        except FileNotFoundError as err:
+            raise UsageError(f"--extractor {extractor}: {err}") from None
+    elif args.inception_path is not None:
+        raise UsageError(f"--inception-path goes with --extractor inception or inception-tf, not {extractor!r}")
+    elif ":" in extractor:
+        check.module_spec(extractor, "--extractor")
+    elif key != "digits":
+        from fewstep._util import close_matches
+        from fewstep.eval.features import EXTRACTOR_NAMES
+
+        raise UsageError(f"--extractor {extractor!r}: unknown feature extractor{close_matches(key, EXTRACTOR_NAMES)}; use one of "
+                         f"{', '.join(EXTRACTOR_NAMES)}, or module:callable for your own")
+    if args.reference is not None:
+        _check_reference(args.reference)
+    args.device = check.device(args.device)
+    if args.reference is None or not str(args.reference).strip().endswith(".npz"):
+        from fewstep.eval.reference import default_cache_dir
+
+        try:
+            check.output_dir(default_cache_dir(), "the reference-statistics cache")
+        except UsageError as err:
+            raise UsageError(f"{err}, or set FEWSTEP_CACHE to a writable folder") from None
+
+
+def _written_since(folder: Path, since: float) -> list[str]:
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_file() and p.stat().st_mtime >= since)
+    except OSError:
+        return []
+
+
+def _report_saved(out: Path, run_dir: Path | None, started: float) -> str:
+    """What an interrupted report leaves behind, for the message."""
+    parts = []
+    try:
+        chunks = len(list(run_dir.glob("cells/*/chunk_*.npz"))) if run_dir is not None and run_dir.is_dir() else 0
+    except OSError:
+        chunks = 0
+    if chunks:
+        parts.append(f"{chunks} finished batch{'es' if chunks != 1 else ''} of generated samples are kept in {run_dir}; "
+                     "run the same command again to resume from them")
+    written = _written_since(out, started) if out.is_dir() else []
+    if written:
+        parts.append(f"written to {out} so far: {', '.join(written)}")
+    return "; ".join(parts) or "nothing was saved"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    _check_report(args)
+    from fewstep.eval.report import run_report
+
+    out = Path(args.out)
+    run_dir = None if args.no_fid else Path(args.run_dir) if args.run_dir is not None else out / "fid_run"
+    started = time.time() - 1.0
+    args._on_interrupt = lambda: _report_saved(out, run_dir, started)
+    paths = run_report(
+        out_dir=args.out,
+        samplers=args.samplers,
+        nfes=args.nfe,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        progress=not args.quiet,
+        command="fewstep " + " ".join(sys.argv[1:]) if sys.argv[1:] else "fewstep report",
+        model="embedded" if args.model is None else args.model,
+        extractor="digits" if args.extractor is None else args.extractor,
+        reference=args.reference,
+        inception_path=args.inception_path,
+        shape=args.shape,
+        batch_size=250 if args.batch_size is None else args.batch_size,
+        run_dir=args.run_dir,
+        device=args.device,
+        fid=not args.no_fid,
+        exact=not args.no_exact,
+    )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fewstep tune
+# ---------------------------------------------------------------------------------------------
 
 
 def _tune_model(spec: str, shape: Sequence[int] | None):
     """(denoiser, sample shape, noise dtype, description) for `fewstep tune --model`."""
     import torch
 
-    if spec == "mixture":
+    if spec.strip().lower() == "mixture":
         from fewstep.eval.exact import default_schedule
         from fewstep.models import GaussianMixture
 
@@ -92,12 +233,46 @@ def _tune_model(spec: str, shape: Sequence[int] | None):
     return resolved.denoiser, resolved.shape, torch.float32, resolved.description
 
 
+def _check_tune(args: argparse.Namespace) -> None:
+    """Every value of ``fewstep tune`` that can be checked without loading or computing anything."""
+    from fewstep.samplers.registry import spec as sampler_spec
+
+    kind = check.model_spec(args.model, "--model", ("embedded", "mixture"),
+                            "use 'embedded', 'mixture', a folder holding a saved diffusers pipeline, or module:attribute naming a denoiser")
+    if kind == "folder":
+        _check_pipeline_folder(args.model, "--model")
+    if args.shape is not None and kind == "name":
+        raise UsageError(f"--shape {','.join(map(str, args.shape))}: --model {args.model} has a fixed sample shape; --shape goes "
+                         "with a pipeline folder or a module:attribute model")
+    try:
+        s = sampler_spec(args.sampler)
+    except ValueError as err:
+        raise UsageError(f"--sampler {args.sampler!r}: {err}") from None
+    if s.stochastic or not s.push_style or s.needs or s.model_kind != "diffusion":
+        raise UsageError(f"--sampler {args.sampler!r} cannot be tuned: tuning needs a deterministic diffusion sampler with fixed "
+                         "evaluation times (e.g. unipc_3, dpmpp_3m, deis_3, dpmpp_2m)")
+    if args.nfe < s.min_nfe:
+        raise UsageError(f"--nfe {args.nfe}: {args.sampler} needs at least {s.min_nfe} network evaluations")
+    unknown = [i for i in args.ingredients if i not in INGREDIENTS]
+    if unknown:
+        from fewstep._util import close_matches
+
+        raise UsageError(f"--ingredients {','.join(args.ingredients)}: unknown {unknown[0]!r}{close_matches(unknown[0], INGREDIENTS)}; "
+                         f"choose from {','.join(INGREDIENTS)}")
+    if "times" in args.ingredients and "coefficients" not in args.ingredients:
+        raise UsageError(f"--ingredients {','.join(args.ingredients)}: 'times' moves the evaluation times together with the "
+                         "coefficient table; add 'coefficients' (or use 'grid' to tune the grid alone)")
+    check.output_file(args.out, "--out")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    _check_tune(args)
     import torch
     from tqdm.auto import tqdm
 
     from fewstep.samplers.tuning import tune
 
+    args._on_interrupt = lambda: f"nothing was written (the plan goes to {args.out} only when tuning ends)"
     denoiser, shape, dtype, description = _tune_model(args.model, args.shape)
     stages = ["reference", "default", *(i for i in args.ingredients if i != "times")]  # times: one stage with coefficients
     bar = tqdm(total=len(stages), desc=f"tuning {args.sampler} at {args.nfe} NFE", disable=args.quiet,
@@ -110,18 +285,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
         bar.update(max(0.0, min(fraction, 1.0) - shown[0]))
         shown[0] = 0.0 if fraction >= 1.0 else max(shown[0], fraction)
 
-    plan = tune(
-        denoiser,
-        sampler=args.sampler,
-        nfe=args.nfe,
-        generator=torch.Generator().manual_seed(args.seed),
-        shape=shape,
-        dtype=dtype,
-        ingredients=args.ingredients,
-        progress=progress,
-        **({"num_trajectories": args.num_trajectories} if args.num_trajectories is not None else {}),
-    )
-    bar.close()
+    try:
+        plan = tune(
+            denoiser,
+            sampler=args.sampler,
+            nfe=args.nfe,
+            generator=torch.Generator().manual_seed(args.seed),
+            shape=shape,
+            dtype=dtype,
+            ingredients=args.ingredients,
+            progress=progress,
+            **({"num_trajectories": args.num_trajectories} if args.num_trajectories is not None else {}),
+        )
+    finally:
+        bar.close()
     plan.meta["model"] = description
     path = plan.save(args.out)
     print(f"{plan!r} for {description}, written to {path}")
@@ -146,25 +323,26 @@ def build_parser() -> argparse.ArgumentParser:
         "UNet, and every sampler's error per NFE on the exact digits mixture; CSV, JSON, Markdown, plots and sample grids.",
     )
     r.add_argument("--out", default="fewstep-report", help="output folder (default: %(default)s)")
-    r.add_argument("--samplers", type=_name_list, default=None,
+    r.add_argument("--samplers", type=check.name_list, default=None,
                    help="comma-separated names for both studies (default: a representative set for FID, all for the exact table)")
-    r.add_argument("--nfe", type=_int_list, default=None,
+    r.add_argument("--nfe", type=check.nfe_list, default=None,
                    help="comma-separated NFE budgets for both studies (default: 4,5,6,8,10,15,20,50)")
-    r.add_argument("--num-samples", type=int, default=None, help="samples per (sampler, NFE) (default: 500 FID, 1000 exact)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--model", default="embedded",
+    r.add_argument("--num-samples", type=check.int_at_least(2), default=None,
+                   help="samples per (sampler, NFE), at least 2 (default: 500 FID, 1000 exact)")
+    r.add_argument("--seed", type=check.seed, default=0, help="noise seed, 0 to 2**63-1 (default: %(default)s)")
+    r.add_argument("--model", default=None,
                    help="'embedded' (default), a saved diffusers pipeline folder, or module:attribute naming a denoiser")
-    r.add_argument("--shape", type=_int_list, default=None, help="sample shape C,H,W for a module:attribute model")
-    r.add_argument("--extractor", default="digits",
+    r.add_argument("--shape", type=check.shape_list, default=None, help="sample shape C,H,W for a module:attribute model")
+    r.add_argument("--extractor", default=None,
                    help="features: digits (default), inception (clean-fid clean), inception-tf (legacy_tensorflow), or module:callable")
     r.add_argument("--inception-path", default=None,
                    help="local inception-2015-12-05.pt (or its folder); default $FEWSTEP_INCEPTION_PATH, then /tmp")
     r.add_argument("--reference", default=None,
                    help="reference statistics: a folder of real images, a .npz from fewstep, or digits[:train|:test] "
                         "(default for the embedded model: digits:test)")
-    r.add_argument("--batch-size", type=int, default=250, help="samples per network batch (default: %(default)s)")
+    r.add_argument("--batch-size", type=check.positive_int, default=None, help="samples per network batch (default: 250)")
     r.add_argument("--run-dir", default=None, help="where generated features are kept for resuming (default: OUT/fid_run)")
-    r.add_argument("--device", default=None, help="torch device for the network and features (default: cpu)")
+    r.add_argument("--device", default=None, help="torch device for the network and features: cpu, cuda, cuda:N, mps (default: cpu)")
     r.add_argument("--no-fid", action="store_true", help="skip the FID study")
     r.add_argument("--no-exact", action="store_true", help="skip the exact-mixture study")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -177,15 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="embedded",
                    help="'embedded' (default: the digits UNet), 'mixture' (the exact digits mixture), a saved diffusers "
                         "pipeline folder, or module:attribute naming a denoiser")
-    t.add_argument("--shape", type=_int_list, default=None, help="sample shape C,H,W for a module:attribute model")
+    t.add_argument("--shape", type=check.shape_list, default=None, help="sample shape C,H,W for a module:attribute model")
     t.add_argument("--sampler", default="unipc_3", help="the base sampler (default: %(default)s)")
-    t.add_argument("--nfe", type=int, default=5, help="network evaluations (default: %(default)s)")
-    t.add_argument("--num-trajectories", type=int, default=None,
-                   help="noises to fit on, half of them held out (default: tune()'s, 256)")
-    t.add_argument("--ingredients", type=_name_list, default=list(INGREDIENTS),
+    t.add_argument("--nfe", type=check.positive_int, default=5, help="network evaluations (default: %(default)s)")
+    t.add_argument("--num-trajectories", type=check.int_at_least(8), default=None,
+                   help="noises to fit on, at least 8, half of them held out (default: tune()'s, 256)")
+    t.add_argument("--ingredients", type=check.name_list, default=list(INGREDIENTS),
                    help=f"stages, comma-separated (default: {','.join(INGREDIENTS)}; 'times' moves the evaluation times "
                         "together with the coefficients)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=check.seed, default=0, help="noise seed, 0 to 2**63-1 (default: %(default)s)")
     t.add_argument("--out", default="plan.json", help="where to write the plan (default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tune)
@@ -195,17 +373,94 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_modules(args: argparse.Namespace) -> list[str]:
+    """The modules of ``module:attribute`` values on the command line (the user's own code)."""
+    out = []
+    for name in ("model", "extractor"):
+        v = getattr(args, name, None)
+        if isinstance(v, str) and ":" in v and not Path(v).exists():
+            out.append(v.strip().partition(":")[0])
+    return out
+
+
+def _keep_traceback(err: BaseException, args: argparse.Namespace) -> bool:
+    return bool(os.environ.get("FEWSTEP_TRACEBACK")) or check.raised_in_user_code(err, _user_modules(args))
+
+
+def _os_error_text(err: OSError) -> str:
+    if err.errno is None or not err.strerror:  # fewstep's own FileNotFoundError messages say what to do
+        return str(err)
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    hint = {errno.ENOSPC: "free some disk space or write elsewhere", errno.EDQUOT: "free some disk space or write elsewhere",
+            errno.EACCES: "check the permissions or write elsewhere", errno.EPERM: "check the permissions or write elsewhere",
+            errno.EROFS: "write elsewhere"}.get(err.errno, "")
+    return f"{err.strerror}{f': {where}' if where else ''}{f' ({hint})' if hint else ''}"
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 2
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``fewstep samplers | head``), send what is left of stdout nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fewstep ARGV``; returns the exit status.
+
+    A mistake in the arguments is one line ``fewstep CMD: error: ...`` and status 2, before any
+    model is loaded or work started; an ``OSError`` while working (disk full, no permission) one
+    line naming the path, status 1; Ctrl-C says what was saved and where, status 130.  An exception
+    raised inside the user's own code (a ``--model module:attribute`` denoiser, a
+    ``--extractor module:callable``) keeps its traceback, as does everything that is not a
+    ``ValueError``, ``TypeError`` or ``OSError``; ``FEWSTEP_TRACEBACK=1`` keeps those tracebacks
+    too (all but the argument checks' own messages)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse's own error (status 2) or --help (0)
+        return _exit_code(exit_.code)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    prog = f"fewstep {args.command}"
+
+    def fail(message: str, code: int) -> int:
+        sys.stdout.flush()
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code
+
     try:
         return int(args.func(args) or 0)
+    except UsageError as err:
+        return fail(str(err), 2)
+    except KeyboardInterrupt:
+        note: Callable[[], str] | None = getattr(args, "_on_interrupt", None)
+        try:
+            saved = note() if note is not None else "nothing was saved"
+        except Exception:  # noqa: BLE001 - describing what was saved must not raise over the interrupt
+            saved = "what was saved could not be listed"
+        sys.stdout.flush()
+        print(f"\n{prog}: interrupted; {saved}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except OSError as err:
+        if _keep_traceback(err, args):
+            raise
+        return fail(_os_error_text(err), 2 if err.errno is None else 1)
     except (ValueError, TypeError) as err:
-        print(f"fewstep {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        if _keep_traceback(err, args):
+            raise
+        return fail(str(err), 2)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from fewstep import _cli_checks as check
+from fewstep._cli_checks import UsageError
+
 __all__ = ["add_distill_parser", "cmd_distill", "DIGITS_DEFAULTS"]
 
 #: Settings of the default run (the embedded digits UNet, CPU, under 15 minutes on 2 cores).  The
@@ -55,29 +58,32 @@ def add_distill_parser(sub: Any) -> None:
         "(default: the teacher's; v_prediction for the embedded digits teacher)",
     )
     d.add_argument("--data", type=Path, default=None, help="training data: .pt/.npy tensor (N, C, H, W) in [-1, 1], .pt dict, or image folder")
-    d.add_argument("--steps", type=int, default=None, help=f"training steps (default: {DIGITS_DEFAULTS['steps']})")
-    d.add_argument("--batch-size", type=int, default=None, help=f"global batch (default: {DIGITS_DEFAULTS['batch_size']})")
-    d.add_argument("--grad-accum", type=int, default=1)
-    d.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {DIGITS_DEFAULTS['lr']})")
+    d.add_argument("--steps", type=check.positive_int, default=None, help=f"training steps (default: {DIGITS_DEFAULTS['steps']})")
+    d.add_argument("--batch-size", type=check.positive_int, default=None,
+                   help=f"global batch, divisible by processes x --grad-accum (default: {DIGITS_DEFAULTS['batch_size']})")
+    d.add_argument("--grad-accum", type=check.positive_int, default=1, help="micro-batches per step (default: %(default)s)")
+    d.add_argument("--lr", type=check.positive_float, default=None, help=f"AdamW learning rate (default: {DIGITS_DEFAULTS['lr']})")
     d.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="autocast precision (fp32 master weights)")
     d.add_argument("--gradient-checkpointing", action="store_true")
     d.add_argument("--attention", choices=["auto", "sdpa", "xformers", "keep"], default="auto")
     d.add_argument("--compile", action="store_true", help="torch.compile the student")
-    d.add_argument("--num-intervals", type=int, default=None, help="training grid intervals (CD/MCD), DDIM steps (LCD)")
-    d.add_argument("--segments", type=int, default=4, help="MCD segments (default: %(default)s)")
+    d.add_argument("--num-intervals", type=check.positive_int, default=None,
+                   help=f"training grid intervals (CD: {DIGITS_DEFAULTS['num_intervals']}, MCD: 32), DDIM steps (LCD: 50)")
+    d.add_argument("--segments", type=check.positive_int, default=None, help="MCD segments, dividing --num-intervals (default: 4)")
     d.add_argument("--teacher-sampler", default=None, help="registry sampler of the teacher's step (default: ddim)")
     d.add_argument("--loss", choices=["l2", "pseudo_huber", "huber"], default=None, help="consistency distance (default: the objective's)")
-    d.add_argument("--target-ema", type=float, default=None, help="EMA rate of the target network (0: stop-gradient)")
+    d.add_argument("--target-ema", type=check.unit_interval, default=None, help="EMA rate of the target network, in [0, 1) (0: stop-gradient)")
     d.add_argument("--out", type=Path, default=Path("distill-out"), help="output folder (default: %(default)s)")
     d.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    d.add_argument("--checkpoint-every", type=int, default=500)
-    d.add_argument("--keep-checkpoints", type=int, default=3)
-    d.add_argument("--validate-every", type=int, default=None, help="steps between quality checks (0: only at the end)")
-    d.add_argument("--probe-samples", type=int, default=None, help="samples for the quality numbers (default: 1000)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--checkpoint-every", type=check.positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
+    d.add_argument("--keep-checkpoints", type=check.positive_int, default=3, help="checkpoints kept (default: %(default)s)")
+    d.add_argument("--validate-every", type=check.nonnegative_int, default=None, help="steps between quality checks (0: only at the end)")
+    d.add_argument("--probe-samples", type=check.int_at_least(2), default=None,
+                   help=f"samples for the quality numbers, at least 2 (default: {DIGITS_DEFAULTS['probe_samples']})")
+    d.add_argument("--seed", type=check.seed, default=0, help="0 to 2**63-1 (default: %(default)s)")
     d.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     d.add_argument(
-        "--threads", type=int, default=None,
+        "--threads", type=check.positive_int, default=None,
         help="CPU threads for torch (default: 1 for CPU runs, which stays fast on a shared machine; "
         "more threads than free cores slows PyTorch's CPU kernels down many times)",
     )
@@ -90,38 +96,59 @@ def add_distill_parser(sub: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_teacher(folder: Path) -> tuple[Any, dict[str, Any]]:
-    """A :class:`DiffusersDenoiser` and its scheduler config from a local diffusers folder."""
+def _read_json(path: Path, arg: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{arg}: {path} is not readable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{arg}: {path} does not hold a JSON object")
+    return data
+
+
+def _network_class(config: dict[str, Any], path: Path, arg: str) -> Any:
     import diffusers
 
-    from fewstep._util import require_safetensors
+    cls_name = config.get("_class_name", "UNet2DModel")
+    cls = getattr(diffusers, str(cls_name), None) if isinstance(cls_name, str) and not cls_name.startswith("_") else None
+    if not isinstance(cls, type):
+        raise UsageError(f"{arg}: unknown network class {cls_name!r} in {path}; fewstep loads diffusers model classes only")
+    return cls
+
+
+def _teacher_files(folder: Path) -> tuple[Path, Path]:
+    unet_cfg, sched_file = folder / "unet" / "config.json", folder / "scheduler" / "scheduler_config.json"
+    if not unet_cfg.is_file() or not sched_file.is_file():
+        raise UsageError(
+            f"--teacher {str(folder)!r} is not a diffusers pipeline folder: expected unet/config.json and "
+            "scheduler/scheduler_config.json (save one with pipeline.save_pretrained(folder))"
+        )
+    return unet_cfg, sched_file
+
+
+def _load_teacher(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """A :class:`DiffusersDenoiser` and its scheduler config from a local diffusers folder."""
     from fewstep.models.diffusers_models import DiffusersDenoiser
 
-    unet_dir = folder / "unet"
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    if not (unet_dir / "config.json").is_file() or not sched_file.is_file():
-        raise ValueError(
-            f"{folder} is not a diffusers pipeline folder: expected unet/config.json and scheduler/scheduler_config.json "
-            "(save one with pipeline.save_pretrained(folder))"
-        )
-    cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None:
-        raise ValueError(f"unknown network class {cls_name!r} in {unet_dir / 'config.json'}")
-    require_safetensors(unet_dir, "the teacher's UNet folder")  # a pickled .bin only: one message, never unpickled
-    unet = cls.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)
-    config = json.loads(sched_file.read_text())
+    from fewstep._util import require_safetensors
+
+    unet_cfg, sched_file = _teacher_files(folder)
+    cls = _network_class(_read_json(unet_cfg, "--teacher"), unet_cfg, "--teacher")
+    require_safetensors(folder / "unet", "the teacher's UNet folder")  # a pickled .bin only: one message, never unpickled
+    unet = cls.from_pretrained(folder / "unet", local_files_only=True, use_safetensors=True)
+    config = _read_json(sched_file, "--teacher")
     return DiffusersDenoiser(unet.eval(), config), config
 
 
-def _load_data(path: Path, unet: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(data, cond, uncond)`` from a tensor file, a dict file or an image folder."""
+def _load_data(path: Path, size: int, channels: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(data, cond, uncond)`` from a tensor file, a dict file or an image folder (resized to
+    ``size`` with ``channels`` channels)."""
     if path.is_dir():
-        cfg = unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         from fewstep.distill.data import load_image_folder
 
-        return load_image_folder(path, size, cfg.in_channels), {}, {}
+        return load_image_folder(path, size, channels), {}, {}
+    if path.suffix not in (".npy", ".pt", ".pth"):
+        raise UsageError(f"--data {str(path)!r}: use a .pt/.pth/.npy file or a folder of images")
     from fewstep.distill.data import load_data_file
 
     return load_data_file(path)  # .npy without pickles, .pt with weights_only=True
@@ -133,6 +160,8 @@ def _load_data(path: Path, unet: Any) -> tuple[torch.Tensor, dict[str, torch.Ten
 
 
 def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any:
+    """The objective of the command line; an explicit value is used as given (checked
+    positive by argparse), only a missing one takes the default."""
     from fewstep.distill import CD, ICT, LCD, MCD
 
     common: dict[str, Any] = {}
@@ -140,30 +169,116 @@ def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any
         common["target_ema"] = args.target_ema
     if args.loss is not None:
         common["loss"] = args.loss
-    sampler = args.teacher_sampler or DIGITS_DEFAULTS["teacher_sampler"]
+    sampler = DIGITS_DEFAULTS["teacher_sampler"] if args.teacher_sampler is None else args.teacher_sampler
     n = args.num_intervals
     if args.objective == "ict":
-        return ICT(**({"loss": args.loss} if args.loss else {}))
+        return ICT(**({"loss": args.loss} if args.loss is not None else {}))
     if args.objective == "lcd":
-        return LCD(uncond=uncond or None, num_ddim_steps=n or 50, teacher_sampler=sampler, **common)
+        return LCD(uncond=uncond or None, num_ddim_steps=50 if n is None else n, teacher_sampler=sampler, **common)
     if args.objective == "mcd":
-        return MCD(n or 32, segments=args.segments, teacher_sampler=sampler, **common)
-    return CD(n or DIGITS_DEFAULTS["num_intervals"], teacher_sampler=sampler, **common)
+        return MCD(32 if n is None else n, segments=4 if args.segments is None else args.segments, teacher_sampler=sampler, **common)
+    return CD(DIGITS_DEFAULTS["num_intervals"] if n is None else n, teacher_sampler=sampler, **common)
+
+
+def _check_distill(args: argparse.Namespace) -> None:
+    """Every value of ``fewstep distill`` that can be checked without loading or computing anything."""
+    objective = args.objective
+    digits = args.teacher is None
+    if digits:
+        if args.data is not None:
+            raise UsageError("--data goes with --teacher; the embedded digits teacher trains on the digits "
+                             "(give --teacher FOLDER to distil your own model)")
+        if objective == "lcd":
+            raise UsageError("--objective lcd distils a conditional teacher: give --teacher FOLDER and --data with its "
+                             "conditioning (the embedded digits teacher is unconditional)")
+    else:
+        check.existing_path(args.teacher, "--teacher", folder=True, what="give a diffusers pipeline folder (pipeline.save_pretrained(folder))")
+        unet_cfg, sched_file = _teacher_files(args.teacher)
+        _network_class(_read_json(unet_cfg, "--teacher"), unet_cfg, "--teacher")
+        _read_json(sched_file, "--teacher")
+        if args.data is None:
+            raise UsageError("--teacher needs --data (the training images or latents: a .pt/.npy tensor (N, C, H, W) in "
+                             "[-1, 1], a .pt dict, or a folder of images)")
+        what = "give a .pt/.pth/.npy tensor file or a folder of images"
+        check.existing_path(args.data, "--data", what=what)
+        if args.data.is_dir():
+            check.image_folder(args.data, "--data", same_size=False)
+        elif args.data.suffix not in (".pt", ".pth", ".npy"):
+            raise UsageError(f"--data {str(args.data)!r}: {what}")
+        if objective == "lcd" and args.data.is_dir():
+            raise UsageError("--objective lcd needs conditioning with the data: a .pt dict with 'data' (or 'latents'), "
+                             "e.g. 'encoder_hidden_states', and 'uncond'; an image folder has none")
+    if args.student is not None:
+        check.existing_path(args.student, "--student", folder=True, what="give a diffusers model folder (model.save_pretrained(folder))")
+        cfg = args.student / "config.json"
+        if not cfg.is_file():
+            raise UsageError(f"--student {str(args.student)!r} has no config.json; give a diffusers model folder (model.save_pretrained(folder))")
+        _network_class(_read_json(cfg, "--student"), cfg, "--student")
+    if objective == "ict":
+        given = [k for k, v in (("--num-intervals", args.num_intervals), ("--teacher-sampler", args.teacher_sampler),
+                                ("--target-ema", args.target_ema), ("--segments", args.segments)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --objective ict "
+                             "(improved consistency training has its own noise curriculum, no teacher step and no EMA target)")
+    if args.segments is not None and objective != "mcd":
+        raise UsageError(f"--segments {args.segments} applies to --objective mcd only")
+    if args.teacher_sampler is not None:
+        from fewstep.distill.teacher import IntervalSolver
+
+        try:
+            IntervalSolver.check(args.teacher_sampler)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--teacher-sampler {args.teacher_sampler!r}: {err}") from None
+    if objective == "mcd":
+        n = 32 if args.num_intervals is None else args.num_intervals
+        seg = 4 if args.segments is None else args.segments
+        if n % seg:
+            raise UsageError(f"--segments {seg} must divide --num-intervals {n}")
+    batch = DIGITS_DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if batch % (world * args.grad_accum):
+        raise UsageError(f"--batch-size {batch} (global) must be divisible by processes x --grad-accum = {world} x {args.grad_accum}")
+    if args.attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise UsageError("--attention xformers: xformers is not installed; use --attention sdpa (or auto)")
+    check.output_dir(args.out, "--out")
+    if args.resume is not None and str(args.resume) != "latest":
+        check.existing_path(args.resume, "--resume", folder=True, what="pass 'latest' or a checkpoint-<step> folder of this run")
+    from fewstep.distill.checkpoint import check_output_dir
+
+    # one rule for the CLI and the Python API: a non-empty --out needs --resume; a checkpoint to resume is verified
+    check_output_dir(args.out, args.resume)
+
+
+def _distill_saved(args: argparse.Namespace) -> str:
+    """What an interrupted distillation leaves behind, for the message."""
+    from fewstep.distill.checkpoint import CheckpointDir
+
+    done = CheckpointDir(args.out / "checkpoints").complete()
+    if not done:
+        return (f"no checkpoint was written yet (the first comes after {args.checkpoint_every} steps, --checkpoint-every); "
+                "nothing to resume")
+    step, path = done[-1]
+    again = "run the same command again" if args.resume is not None else "run the same command with --resume latest"
+    return f"the last checkpoint is {path} (step {step}); {again} to continue from it"
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    args.objective = DIGITS_DEFAULTS["objective"] if args.objective is None else args.objective
+    _check_distill(args)
+    args._on_interrupt = lambda: _distill_saved(args)
     from fewstep._util import atomic_write_json
     from fewstep.distill import Distiller, DistillConfig, TensorData
-    from fewstep.distill.checkpoint import check_output_dir
     from fewstep.distill.validate import QualityProbe
     from fewstep.eval.frechet import frechet_distance_from_features  # noqa: F401  (fail early if eval is broken)
 
-    check_output_dir(args.out, args.resume)  # a rerun on an existing run needs --resume: refused before any work
-    args.objective = args.objective or DIGITS_DEFAULTS["objective"]
     digits = args.teacher is None
+    objective = None if args.objective == "lcd" else _objective(args, {})  # its own checks, before anything is loaded
     on_cpu = args.cpu or digits or not torch.cuda.is_available()
     if args.threads is not None or on_cpu:
-        torch.set_num_threads(args.threads or 1)
+        torch.set_num_threads(1 if args.threads is None else args.threads)
     features = reference_features = None
     if digits:
         from fewstep.eval.features import digits_features
@@ -171,40 +286,47 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
         teacher = digits_denoiser()
         sched_cfg = digits_scheduler_config()
-        if args.data is not None:
-            raise ValueError("--data goes with --teacher; the embedded digits teacher trains on the digits")
         data, cond, uncond = digits_images("train"), {}, {}
         if args.student_prediction_type is None and args.student is None:
             args.student_prediction_type = DIGITS_DEFAULTS["student_prediction_type"]
         features = digits_features()
         reference_features = features(digits_images("test"))
     else:
+        net_cfg = _read_json(args.teacher / "unet" / "config.json", "--teacher")
+        size = net_cfg.get("sample_size", 64)
+        size = int(size if isinstance(size, int) else size[0])
+        channels = int(net_cfg.get("in_channels", 3))
+        data, cond, uncond = _load_data(args.data, size, channels)  # the data first: a wrong file fails before the teacher loads
+        if data.ndim < 2 or data.shape[0] < 1:
+            raise UsageError(f"--data {str(args.data)!r} holds a tensor of shape {tuple(data.shape)}; expected (N, C, H, W)")
+        if data.ndim == 4 and data.shape[1] != channels:
+            raise UsageError(f"--data {str(args.data)!r} holds {data.shape[1]}-channel data (shape {tuple(data.shape)}), but the "
+                             f"teacher's network takes {channels} channels")
+        if args.objective == "lcd" and not cond:
+            raise UsageError(f"--objective lcd needs conditioning in --data {str(args.data)!r} (a .pt dict with "
+                             "encoder_hidden_states and uncond)")
+        if objective is None:
+            objective = _objective(args, uncond)
         teacher, sched_cfg = _load_teacher(args.teacher)
-        if args.data is None:
-            raise ValueError("--teacher needs --data (the training images or latents)")
-        data, cond, uncond = _load_data(args.data, teacher.model)
     student = None
     if args.student is not None:
-        import diffusers
-
         from fewstep._util import require_safetensors
 
-        cls_name = json.loads((args.student / "config.json").read_text()).get("_class_name", "UNet2DModel")
+        cls = _network_class(_read_json(args.student / "config.json", "--student"), args.student / "config.json", "--student")
         require_safetensors(args.student, "--student")
-        student = getattr(diffusers, cls_name).from_pretrained(args.student, local_files_only=True, use_safetensors=True)
+        student = cls.from_pretrained(args.student, local_files_only=True, use_safetensors=True)
     if args.student_prediction_type is not None and student is None:
         import copy
 
         student = copy.deepcopy(teacher.model)  # the teacher's weights, re-read as another prediction type
-    objective = _objective(args, uncond)
-    steps = args.steps if args.steps is not None else DIGITS_DEFAULTS["steps"]
+    steps = DIGITS_DEFAULTS["steps"] if args.steps is None else args.steps
     validate_every = args.validate_every if args.validate_every is not None else (DIGITS_DEFAULTS["validate_every"] if digits else 0)
     config = DistillConfig(
         output_dir=args.out,
         steps=steps,
-        batch_size=args.batch_size or DIGITS_DEFAULTS["batch_size"],
+        batch_size=DIGITS_DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size,
         grad_accum=args.grad_accum,
-        lr=args.lr or DIGITS_DEFAULTS["lr"],
+        lr=DIGITS_DEFAULTS["lr"] if args.lr is None else args.lr,
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
         attention=args.attention,
@@ -218,14 +340,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
         cpu=args.cpu or digits,
         log_every=max(1, min(50, steps)),
     )
-    n_probe = args.probe_samples or DIGITS_DEFAULTS["probe_samples"]
+    config.check()
+    n_probe = DIGITS_DEFAULTS["probe_samples"] if args.probe_samples is None else args.probe_samples
     shape = tuple(data.shape[1:])
     g = torch.Generator().manual_seed(args.seed + 12345)
     noise = torch.randn((n_probe, *shape), generator=g)
     probe_cond = None
     if args.objective == "lcd":
-        if not cond:
-            raise ValueError("LCD needs conditioning in --data (a .pt dict with encoder_hidden_states and uncond)")
         probe_cond = {k: v[:1].expand(n_probe, *v.shape[1:]) for k, v in cond.items()}
     with torch.no_grad():
         ref = fewstep_sample(teacher, noise, "dpmpp_3m", 50, probe_cond)

@@ -380,11 +380,26 @@ def run_report(
     :data:`DEFAULT_EXACT_SAMPLES`.  ``model``: see :func:`fewstep.eval.model_spec.resolve_model`;
     ``reference``: a source for :func:`fewstep.eval.reference.reference_stats` (default: the
     digits test split for the embedded model; required for others).  Returns the written paths."""
+    from fewstep._cli_checks import output_dir
+
     if not (fid or exact):
         raise ValueError("nothing to do: both the FID study and the exact-mixture study are switched off")
+    # Every argument is checked before any work (the command line checks more: fewstep.cli).
     for n in samplers or ():
-        fewstep.spec(n)  # unknown names fail before any work
-    out = Path(out_dir)
+        fewstep.spec(n)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if num_samples is not None and int(num_samples) < 2:
+        raise ValueError(f"num_samples must be at least 2 (a covariance needs two samples), got {num_samples}")
+    if nfes is not None:
+        bad = [n for n in nfes if int(n) < 1]
+        if not list(nfes) or bad or len(set(map(int, nfes))) != len(list(nfes)):
+            raise ValueError(f"nfes must be distinct positive integers, got {list(nfes)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    out = output_dir(out_dir, "out_dir")  # an existing file, or a folder that cannot be written, fails here
+    if fid and run_dir is not None:
+        output_dir(run_dir, "run_dir")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     base_meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command, "device": _device_text(device), "seed": seed}

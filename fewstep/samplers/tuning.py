@@ -245,6 +245,7 @@ def tune(
     val, train = slice(0, n_val), slice(n_val, noise.shape[0])
     options = dict(options or {})
     say = progress or (lambda msg, fraction: None)
+    base = prepare(sampler, nfe, schedule, **options)  # the budget and the options fail here, before the reference run
 
     ref_nfe = int(reference_nfe) if reference_nfe is not None else max(100, 20 * nfe)
     with torch.no_grad():
@@ -255,7 +256,6 @@ def tune(
     data = _Trajectories(denoiser, schedule, noise, reference, cond)
     say(f"reference {reference_sampler} at {ref_nfe} NFE (its error vs {ref_nfe // 2} NFE: {ref_error:.2e})", 1.0)
 
-    base = prepare(sampler, nfe, schedule, **options)
     grid = base.grid.tolist()
     stages = [{"stage": "default", "train_rmse": data.error(base, train), "val_rmse": data.error(base, val), "accepted": True}]
     clock = [time.perf_counter()]
