@@ -42,10 +42,10 @@ def no_work(monkeypatch):
     import fewstep.eval.model_spec
     import fewstep.eval.report
     import fewstep.models.embedded
-    import fewstep.samplers.tune
+    import fewstep.samplers.tuning
 
     for mod, name in [(fewstep.eval.report, "run_report"), (fewstep.eval.model_spec, "resolve_model"),
-                      (cli, "_tune_model"), (fewstep.samplers.tune, "tune"), (fewstep.models.embedded, "digits_denoiser"),
+                      (cli, "_tune_model"), (fewstep.samplers.tuning, "tune"), (fewstep.models.embedded, "digits_denoiser"),
                       (dcli, "_load_teacher"), (dcli, "_load_data"), (fewstep.distill, "Distiller")]:
         monkeypatch.setattr(mod, name, _forbidden(f"{mod.__name__}.{name}"))
 
@@ -329,7 +329,7 @@ def test_distill_rejects_before_any_work(argv, needles, files, no_work, capsys):
 def test_distill_refuses_an_existing_run_without_resume(files, no_work, capsys):
     ck = files["out"] / "checkpoints" / "checkpoint-0000500"
     ck.mkdir(parents=True)
-    _expect(capsys, ["distill", "--quiet", "--out", str(files["out"])], "--out", "already holds a run", "checkpoint-0000500",
+    _expect(capsys, ["distill", "--quiet", "--out", str(files["out"])], "--out", "holds a distillation run", "checkpoints",
             "--resume latest")
     assert sorted(p.name for p in files["out"].rglob("*")) == ["checkpoint-0000500", "checkpoints"]
 
@@ -382,7 +382,7 @@ def test_os_error_while_writing_is_one_line_naming_the_path(monkeypatch, tmp_pat
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(cli, "_tune_model", lambda spec, shape: (None, (4,), torch.float32, "a model"))
-    monkeypatch.setattr("fewstep.samplers.tune.tune", lambda *a, **k: Plan())
+    monkeypatch.setattr("fewstep.samplers.tuning.tune", lambda *a, **k: Plan())
     _expect(capsys, ["tune", "--model", "mixture", "--quiet", "--out", str(tmp_path / "p.json")], "Permission denied",
             str(tmp_path / "p.json"), code=1)
 
