@@ -12,4 +12,4 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]" -c scripts/oldest-constraints.txt
 echo "fewstep installed in $VENV (oldest declared dependencies)"
-exec "$VENV/bin/python" -m pytest -q "$@"
+exec "$VENV/bin/python" -m pytest -q -n 2 "$@"

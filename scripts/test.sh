@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FEWSTEP_VENV:-.venv}"
 bash scripts/setup.sh
-exec "$VENV/bin/python" -m pytest -q "$@"
+exec "$VENV/bin/python" -m pytest -q -n 2 "$@"

@@ -27,6 +27,15 @@ from fid_worker import GRID, NUM_SAMPLES, make_denoiser  # noqa: E402
 CELLS = len(GRID["samplers"]) * len(GRID["nfes"])
 
 
+def _free_port() -> int:
+    """A port no other test (pytest-xdist runs two at a time) is using: a fixed one made them collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(fewstep.__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
@@ -162,7 +171,7 @@ def test_batch_size_does_not_change_the_samples(tmp_path, model):
 
 def test_two_processes_give_the_same_table(uninterrupted, tmp_path):
     run1, single = uninterrupted
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()))
     double = _run_worker(tmp_path / "run", tmp_path / "out.json", launcher=launcher)
     assert double["world"] == 2 and single["world"] == 1
     assert _numbers(double["rows"]) == _numbers(single["rows"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +35,12 @@ def marker(tmp_path) -> Path:
     return tmp_path / "PAYLOAD_RAN"
 
 
+def accelerate_version() -> tuple[int, ...]:
+    import accelerate
+
+    return tuple(int(p) for p in accelerate.__version__.split(".")[:2])
+
+
 def test_the_payload_runs_when_unpickled_so_the_tests_would_see_it(tmp_path, marker):
     """The control: a plain unpickle (and accelerate's custom-checkpoint loader, which uses
     ``weights_only=False``) does run the payload, so its absence below means fewstep refused it."""
@@ -43,12 +50,18 @@ def test_the_payload_runs_when_unpickled_so_the_tests_would_see_it(tmp_path, mar
     import inspect
 
     from accelerate.checkpointing import load_custom_state
-    from accelerate.utils.other import load
+
+    try:
+        from accelerate.utils.other import load  # accelerate >= 0.31; older ones call torch.load directly
+    except ImportError:
+        load = torch.load
 
     torch.save({"x": Payload(marker)}, tmp_path / "custom_checkpoint_0.pkl")
-    assert "weights_only=False" in inspect.getsource(load_custom_state)  # what accelerate.load_state calls
+    # recent accelerate loads registered objects with weights_only=False (older ones with torch's default)
+    unsafe = "weights_only=False" in inspect.getsource(load_custom_state)
+    assert unsafe or accelerate_version() < (1, 0)
     load(str(tmp_path / "custom_checkpoint_0.pkl"), map_location="cpu", weights_only=False)
-    assert marker.exists()  # accelerate runs it: fewstep must never let it see such a file
+    assert marker.exists()  # such a load runs it: fewstep must never let accelerate see such a file
 
 
 # -- a distillation run: checkpoint folder and student folder ---------------------------------------
@@ -109,7 +122,7 @@ def test_a_crafted_checkpoint_file_is_refused_before_it_is_loaded(finished_run, 
     if name.startswith("custom_checkpoint"):
         assert "weights_only=False" in msg and "new run" in msg
     else:
-        assert "refers to exec" in msg and "nothing from it was run" in msg and "new run in another output folder" in msg
+        assert re.search(r"refers to (builtins\.)?exec\b", msg) and "nothing from it was run" in msg and "new run in another output folder" in msg
     assert not (tmp_path / "new" / "checkpoints").exists()  # refused in Distiller(...), before any training
 
 

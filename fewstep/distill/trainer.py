@@ -371,9 +371,9 @@ class Distiller:
             saved = verify_checkpoint(resumed, ema=target is not None, fsdp=fsdp, objective=self.objective.name)
             acc.load_state(str(resumed))
             if target is not None:
-                from safetensors.torch import load_model
+                from safetensors.torch import load_file  # (load_model's device= needs safetensors > 0.4.1)
 
-                load_model(target, str(resumed / EMA_FILE), strict=True, device=str(device))
+                target.load_state_dict(load_file(str(resumed / EMA_FILE), device=str(device)), strict=True)
             counters.step, counters.skipped = saved["step"], saved["skipped"]
             if acc.is_main_process:
                 self._report_changes(resumed, saved, opt)
