@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment and install fewstep with its dev extras.
-# The environment lives in $FEWSTEP_VENV (default: .venv in the repository).
+# The environment lives in $FEWSTEP_VENV (default: .venv in the repository); $FEWSTEP_CONSTRAINTS,
+# if set, is a pip constraints file (scripts/test-oldest.sh pins the oldest declared versions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FEWSTEP_VENV:-.venv}"
@@ -9,5 +10,5 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
-echo "fewstep installed in $VENV"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]" ${FEWSTEP_CONSTRAINTS:+-c "$FEWSTEP_CONSTRAINTS"}
+echo "fewstep installed in $VENV${FEWSTEP_CONSTRAINTS:+ (constraints: $FEWSTEP_CONSTRAINTS)}"

@@ -5,11 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FEWSTEP_VENV_OLDEST:-.venv-oldest}"
-PY="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-fi
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]" -c scripts/oldest-constraints.txt
-echo "fewstep installed in $VENV (oldest declared dependencies)"
+FEWSTEP_VENV="$VENV" FEWSTEP_CONSTRAINTS=scripts/oldest-constraints.txt bash scripts/setup.sh
 exec "$VENV/bin/python" -m pytest -q -n 2 "$@"

@@ -56,3 +56,12 @@ def ddpm_schedule():
     from fewstep.eval.exact import default_schedule
 
     return default_schedule()
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for the duration of a test (bit-identical reductions across runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

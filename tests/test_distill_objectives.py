@@ -23,12 +23,6 @@ from fewstep.samplers.core import run_program
 from fewstep.schedules import EDM, default_spacing, time_grid
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -272,12 +272,6 @@ def _distiller(out, steps=2, resume=None, lr=1e-3, **kw):
                      prediction_type="sample", config=cfg)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_a_second_run_in_a_run_folder_is_refused_unless_resumed(tmp_path, one_thread, monkeypatch, capsys):
