@@ -12,12 +12,20 @@ __all__ = ["ClassifierFreeGuidance"]
 
 
 def _cat(a: Any, b: Any, batch: int) -> Any:
+    """``a`` (the unconditional inputs) and ``b`` (the conditional ones) stacked along the batch in
+    that order, leaf by leaf through nested dicts such as SDXL's ``added_cond_kwargs``; a leaf of
+    one row is expanded to the batch."""
     if isinstance(a, torch.Tensor):
         if not isinstance(b, torch.Tensor) or a.shape[1:] != b.shape[1:]:
             raise ValueError("conditional and unconditional inputs must be tensors of matching shape")
         a = a.expand(batch, *a.shape[1:]) if a.shape[0] == 1 else a
         b = b.expand(batch, *b.shape[1:]) if b.shape[0] == 1 else b
-        return torch.cat([a, b])
+        return torch.cat([a, b.to(a.dtype) if b.dtype != a.dtype and a.is_floating_point() else b])
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            raise ValueError(f"nested conditioning {sorted(a)} and its unconditional counterpart "
+                             f"{sorted(b) if isinstance(b, dict) else type(b).__name__} must have the same keys")
+        return {k: _cat(a[k], b[k], batch) for k in a}
     if a != b:
         raise ValueError(f"non-tensor conditioning must be equal for both branches, got {a!r} and {b!r}")
     return a
@@ -32,7 +40,9 @@ class ClassifierFreeGuidance(torch.nn.Module):
     every prediction type is affine in the network output at fixed ``(x, t)``, this equals guiding
     the network output.  ``uncond`` holds the unconditional inputs under the same keys as the
     conditional ``cond`` passed at call time.  The last unconditional prediction is kept in
-    ``last_uncond`` for samplers that need it (CFG++).
+    ``last_uncond`` for samplers that need it (CFG++).  Conditioning may be nested (SDXL's
+    ``added_cond_kwargs = {"text_embeds": ..., "time_ids": ...}``, ControlNet inputs): ``uncond``
+    mirrors its structure, and each tensor leaf is stacked with its counterpart.
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], guidance_scale: float | torch.Tensor, uncond: Mapping[str, Any]):
