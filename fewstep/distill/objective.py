@@ -212,10 +212,13 @@ class ConsistencyObjective(ABC):
     def loss(self, models: Models, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The weighted consistency loss of one micro-batch (a scalar with gradient) and logs.
 
-        Target and student run from the same random state (the state is saved before the target's
-        forward and restored before the student's), so a network with dropout draws the same mask
-        in both, as consistency_models' ``consistency_losses`` (``th.set_rng_state``) and ECT do;
-        without it the target would differ from the prediction by the dropout noise alone."""
+        Student and target run from the same random state (saved before the student's forward and
+        restored before the target's), so a network with dropout draws the same mask in both, as
+        consistency_models' ``consistency_losses`` (``th.get_rng_state`` / ``th.set_rng_state``)
+        and ECT do; without it the target would differ from the prediction by the dropout noise
+        alone.  The student runs first, as there: under autocast, torch (2.6) caches the low-precision
+        copy of a weight that requires grad, and a copy made first under ``no_grad`` (a target that
+        is the student itself, LoRA) would cut the student's graph."""
         grid = self.grid_at(batch.step)
         n = self.draw_intervals(batch, grid)
         e = self.edges(grid, n)
@@ -226,10 +229,11 @@ class ConsistencyObjective(ABC):
         x_hi = self.noised(batch.x0, t_hi, eps)
         with torch.no_grad():
             x_lo = self.lower_point(models, batch, x_hi, t_hi, t_lo, eps, extras)
-            rng = RandomState.save(x_hi.device)
-            target = self.reference(models, x_lo, t_lo, t_edge, cond, e == 0, x_hi, t_hi)
-        rng.restore()
+        rng = RandomState.save(x_hi.device)
         pred = self.prediction(models, x_hi, t_hi, t_edge, cond, e == 0)
+        rng.restore()
+        with torch.no_grad():
+            target = self.reference(models, x_lo, t_lo, t_edge, cond, e == 0, x_hi, t_hi)
         w = self.weights(grid, n).to(pred.device, torch.float32)
         per_sample = consistency_distance(pred, target.detach(), self.loss_kind, float(self.loss_c))
         loss = (w * per_sample).mean()

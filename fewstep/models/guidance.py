@@ -14,7 +14,10 @@ __all__ = ["ClassifierFreeGuidance"]
 def _cat(a: Any, b: Any, batch: int) -> Any:
     """``a`` (the unconditional inputs) and ``b`` (the conditional ones) stacked along the batch in
     that order, leaf by leaf through nested dicts such as SDXL's ``added_cond_kwargs``; a leaf of
-    one row is expanded to the batch."""
+    one row is expanded to the batch.  An unconditional leaf ``None`` means "the conditional
+    value in both branches" (SDXL's negative ``time_ids`` are the positive ones)."""
+    if a is None and isinstance(b, torch.Tensor):
+        return torch.cat([b, b])
     if isinstance(a, torch.Tensor):
         if not isinstance(b, torch.Tensor) or a.shape[1:] != b.shape[1:]:
             raise ValueError("conditional and unconditional inputs must be tensors of matching shape")
