@@ -9,10 +9,10 @@ shadow tensors of the *trainable* parameters (for a LoRA student: the adapters),
 every optimizer step with
 
 .. math::  \theta_{ema} \leftarrow d_k\,\theta_{ema} + (1 - d_k)\,\theta, \qquad
-           d_k = \min\Big(d, \frac{1 + k}{10 + k}\Big),
+           d_k = \min\Big(d, \frac{1 + k}{10 + k}\Big)\ (k \ge 1), \quad d_0 = 0,
 
-``k`` the number of updates so far: diffusers' ``EMAModel`` rule without its power warm-up, so a
-short run is not dominated by its initial weights.  Saved as safetensors (``sampling_ema.safetensors``,
+``k`` the number of updates so far: diffusers' ``EMAModel`` rule (``use_ema_warmup=False``,
+``update_after_step=0``; tested equal), so a short run is not dominated by its initial weights.  Saved as safetensors (``sampling_ema.safetensors``,
 the update count in its metadata), never pickled.
 """
 
@@ -53,7 +53,7 @@ class SamplingEMA:
     def rate(self, k: int | None = None) -> float:
         """``d_k`` of the module docstring."""
         k = self.updates if k is None else int(k)
-        return min(self.decay, (1.0 + k) / (10.0 + k))
+        return 0.0 if k <= 0 else min(self.decay, (1.0 + k) / (10.0 + k))
 
     def update(self, module: torch.nn.Module) -> None:
         d = self.rate()
