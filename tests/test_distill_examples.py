@@ -88,3 +88,44 @@ def test_fewstep_distill_default_is_the_embedded_digits_teacher(tmp_path, capsys
     assert code == 0 and "FID (digit features)" in out and "teacher (dpmpp_2m)" in out
     meta = json.loads((tmp_path / "d" / "student" / "fewstep_student.json").read_text())
     assert meta["objective"] == "cd" and meta["sampler"] == "cm_multistep"
+
+
+def test_fewstep_distill_lcd_and_lcm_lora_on_text_to_image_pipelines(tmp_path, capsys):
+    """`fewstep distill --objective lcd` on a tiny SD-shaped pipeline folder and image-caption
+    files: exits 0 (the quality probe uses the guided teacher at the guidance scale), writes the
+    validation grid; `--precompute` writes latent shards that a second run trains on; `--lora` on
+    an SDXL-shaped pipeline writes the adapter in diffusers' LoRA format."""
+    import tiny_pipelines as tp
+    from PIL import Image
+
+    from fewstep.cli import main
+
+    tp.pipeline(tmp_path / "sd")
+    tp.pipeline(tmp_path / "xl", sdxl=True)
+    images = tp.image_caption_folder(tmp_path / "images", n=8)
+    common = ["--objective", "lcd", "--num-intervals", "10", "--steps", "2", "--batch-size", "2", "--probe-samples", "4", "--quiet",
+              "--num-workers", "0"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["distill", "--teacher", str(tmp_path / "sd"), "--data", str(images), *common, "--guidance-range", "2,6",
+                     "--validation-prompts", "a photo of a red square", "a blue circle", "--out", str(tmp_path / "run")])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert "teacher (dpmpp_2m, w=4)" in out.out and "student (lcd, lcm)" in out.out
+        grid = Image.open(tmp_path / "run" / "validation" / "step-0000002.png")
+        assert grid.size == (2 * 16, 3 * 16)  # a column per prompt, a row per NFE (1, 2, 4)
+        assert main(["distill", "--teacher", str(tmp_path / "sd"), "--data", str(images), *common,
+                     "--precompute", str(tmp_path / "latents"), "--out", str(tmp_path / "unused")]) == 0
+        assert (tmp_path / "latents" / "index.json").is_file() and not (tmp_path / "unused").exists()
+        assert main(["distill", "--teacher", str(tmp_path / "sd"), "--data", str(tmp_path / "latents"), *common,
+                     "--out", str(tmp_path / "run2")]) == 0
+        code = main(["distill", "--teacher", str(tmp_path / "xl"), "--data", str(images), *common, "--lora", "--lora-rank", "4",
+                     "--out", str(tmp_path / "lora")])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+    finally:
+        torch.set_num_threads(n)
+    assert (tmp_path / "lora" / "student" / "pytorch_lora_weights.safetensors").is_file()
+    meta = json.loads((tmp_path / "lora" / "student" / "fewstep_student.json").read_text())
+    assert meta["guidance"]["range"] == [4.0, 16.0] and meta["guidance"]["embedding"] is False
