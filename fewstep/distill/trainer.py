@@ -227,6 +227,7 @@ class Distiller:
     ):
         self.config = config or DistillConfig()
         self.config.check()
+        _check_fsdp_device()  # before anything is written
         if not isinstance(objective, ConsistencyObjective):
             raise TypeError(f"objective must be a fewstep.distill objective (CD, LCD, MCD, ICT), got {type(objective).__name__}")
         if not hasattr(data, "shape") or not (hasattr(data, "sample") or getattr(data, "streaming", False)):
@@ -529,6 +530,7 @@ class Distiller:
         from accelerate.utils import ProjectConfiguration
 
         cfg = self.config
+        _check_fsdp_device()
         state = AcceleratorState._shared_state
         if state and state.get("_mixed_precision") not in (None, cfg.precision) and not launched_distributed():
             AcceleratorState._reset_state()  # several trainers with different precisions in one process
@@ -784,6 +786,24 @@ class _null:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def _check_fsdp_device() -> None:
+    """Under ``accelerate launch`` with an FSDP config, refuse CPU-only processes clearly (torch and
+    accelerate would refuse later with less helpful messages)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and not _accelerator_device():
+        raise ValueError(
+            "FSDP needs GPUs (or another accelerator): torch's FullyShardedDataParallel refuses CPU-only processes "
+            "('FSDP needs a non-CPU accelerator device'), and so does accelerate's FSDP plugin. On CPUs train with DDP "
+            "(torchrun --nproc_per_node N, which the trainer's accelerate picks up); on GPUs see examples/accelerate/fsdp_8gpu.yaml"
+        )
+
+
+def _accelerator_device() -> bool:
+    """Whether this process has an accelerator FSDP can shard onto (CUDA, XPU, NPU, MLU)."""
+    if torch.cuda.is_available():
+        return True
+    return any(bool(getattr(getattr(torch, name, None), "is_available", lambda: False)()) for name in ("xpu", "npu", "mlu"))
 
 
 def _tracker_config(cfg: DistillConfig, objective: ConsistencyObjective) -> dict[str, Any]:
