@@ -19,7 +19,11 @@ ENV_THREADS = {"OMP_NUM_THREADS": "1"}
 def _run(cmd):
     import os
 
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV_THREADS})
+    import fewstep
+
+    root = str(Path(fewstep.__file__).resolve().parents[1])  # the fewstep under test, not another installed copy
+    env = {**os.environ, **ENV_THREADS, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -129,3 +133,30 @@ def test_fewstep_distill_lcd_and_lcm_lora_on_text_to_image_pipelines(tmp_path, c
     assert (tmp_path / "lora" / "student" / "pytorch_lora_weights.safetensors").is_file()
     meta = json.loads((tmp_path / "lora" / "student" / "fewstep_student.json").read_text())
     assert meta["guidance"]["range"] == [4.0, 16.0] and meta["guidance"]["embedding"] is False
+
+
+def _example(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_sd15_and_sdxl_lora_examples_run_on_tiny_pipelines(tmp_path, one_thread, capsys):
+    """examples/lcm_sd15.py (with --precompute, then training on the latent shards) and
+    examples/lcm_lora_sdxl.py on tiny local pipeline folders and image-caption files (in-process:
+    a new interpreter per example would spend its time importing)."""
+    import tiny_pipelines as tp
+
+    tp.pipeline(tmp_path / "sd")
+    tp.pipeline(tmp_path / "xl", sdxl=True)
+    images = tp.image_caption_folder(tmp_path / "images", n=6)
+    small = ["--steps", "2", "--batch-size", "2", "--num-ddim-steps", "10", "--num-workers", "0", "--cpu"]
+    sd15, sdxl = _example("lcm_sd15"), _example("lcm_lora_sdxl")
+    assert sd15([str(tmp_path / "sd"), "--data", str(images), "--precompute", str(tmp_path / "lat"), *small]) == 0
+    assert sd15([str(tmp_path / "sd"), "--data", str(tmp_path / "lat"), *small, "--out", str(tmp_path / "sd-run")]) == 0
+    assert "student saved" in capsys.readouterr().out and (tmp_path / "sd-run" / "validation" / "step-0000002.png").is_file()
+    assert sdxl([str(tmp_path / "xl"), "--data", str(images), *small, "--lora-rank", "4", "--out", str(tmp_path / "xl-run")]) == 0
+    assert "LoRA saved" in capsys.readouterr().out and (tmp_path / "xl-run" / "student" / "pytorch_lora_weights.safetensors").is_file()
