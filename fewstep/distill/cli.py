@@ -246,6 +246,10 @@ def _check_lcd_options(args: argparse.Namespace, kind: str | None) -> None:
     if args.lora_rank is not None and not args.lora:
         raise UsageError(f"--lora-rank {args.lora_rank} needs --lora")
     if args.lora:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise UsageError("--lora needs peft (pip install 'fewstep[lora]')")
         if args.target_ema:
             raise UsageError(f"--target-ema {args.target_ema} with --lora: LCM-LoRA's target is the student itself (stop-gradient); "
                              "leave --target-ema out")

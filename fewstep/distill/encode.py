@@ -72,7 +72,10 @@ class PipelineEncoder:
     def from_folder(cls, folder: str | os.PathLike, **kwargs: Any) -> "PipelineEncoder":
         """From a local pipeline folder (``vae/``, ``tokenizer/``, ``text_encoder/`` and
         optionally ``tokenizer_2/``, ``text_encoder_2/``), safetensors weights only."""
-        import transformers
+        try:
+            import transformers
+        except ImportError:
+            raise ImportError("image-text distillation needs transformers for the text encoders: pip install 'fewstep[text]'") from None
         from diffusers import AutoencoderKL
 
         from fewstep._util import require_safetensors
