@@ -126,3 +126,21 @@ def test_tar_shards_and_map_style_datasets_read_what_the_folder_holds(tmp_path):
     (tmp_path / "img" / "lonely.png").write_bytes(folder.read(0)[0])
     with pytest.raises(ValueError, match="1 image.s. have no caption file.*lonely.png"):
         ImageTextFolder(tmp_path / "img")
+
+
+def test_a_latent_shard_index_from_others_cannot_point_outside_its_folder(tmp_path):
+    """``index.json`` is checked field by field; a shard name with a path (``../``) is refused
+    before anything is opened, and a malformed index names the file and the fix."""
+    from fewstep.distill.stream import LATENT_FORMAT, LatentShards
+
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    folder = tmp_path / "lat"
+    folder.mkdir()
+    index = {"format": LATENT_FORMAT, "examples": 1, "shape": [4, 8, 8], "keys": ["latents"],
+             "shards": [{"file": "../outside.safetensors", "count": 1}]}
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="names the shard '../outside.safetensors', which is not a file in"):
+        LatentShards(folder)
+    (folder / "index.json").write_text(json.dumps({**index, "format": "other"}))
+    with pytest.raises(ValueError, match="not a fewstep latent-shard index.*precompute"):
+        LatentShards(folder)

@@ -439,9 +439,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
             if args.precompute is not None:
                 from fewstep.distill.stream import precompute
 
-                device = "cpu" if on_cpu else "cuda"
-                precompute(source, args.precompute, device=device, seed=args.seed)
-                print(f"{source.num_examples} examples encoded into {args.precompute} (train on them with --data {args.precompute})")
+                rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+                device = "cpu" if on_cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                precompute(source, args.precompute, device=device, seed=args.seed, rank=rank, world=world)
+                if rank == 0:
+                    print(f"{source.num_examples} examples encoded into {args.precompute} (train on them with --data {args.precompute})")
                 return 0
             uncond = None  # the encoder builds the recipe's unconditional inputs
         elif kind == "latents":

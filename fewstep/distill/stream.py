@@ -91,6 +91,7 @@ class ImageTextFolder:
         if not images:
             raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.folder}")
         self.items: list[tuple[Path, Path | None]] = []
+        self._fingerprint: str | None = None
         lacking = []
         for img in images:
             cap = next((img.with_suffix(e) for e in CAPTION_EXTENSIONS if img.with_suffix(e).is_file()), None)
@@ -110,13 +111,17 @@ class ImageTextFolder:
         return img.read_bytes(), (cap.read_text(encoding="utf-8").strip() if cap is not None else "")
 
     def fingerprint(self) -> str:
-        parts = []
-        for img, cap in self.items:
-            for p in (img, cap):
-                if p is not None:
-                    st = p.stat()
-                    parts.append(f"{p.relative_to(self.folder)}:{st.st_size}:{st.st_mtime_ns}")
-        return "folder:" + _digest(parts)
+        """Names, sizes and modification times of every file, hashed once (a resumed run builds
+        its source anew, so a change between runs is seen; checkpoints do not stat 10^6 files)."""
+        if self._fingerprint is None:
+            parts = []
+            for img, cap in self.items:
+                for p in (img, cap):
+                    if p is not None:
+                        st = p.stat()
+                        parts.append(f"{p.relative_to(self.folder)}:{st.st_size}:{st.st_mtime_ns}")
+            self._fingerprint = "folder:" + _digest(parts)
+        return self._fingerprint
 
 
 class TarShards:
@@ -442,11 +447,11 @@ def precompute(data: ImageTextData, folder: str | os.PathLike, *, shard_size: in
     """Encode every example of ``data`` once (in the source's own order) and write
     ``shard-NNNNN.safetensors`` files of ``shard_size`` examples plus ``index.json`` and
     ``uncond.safetensors`` into ``folder``, for :class:`LatentShards`.  The VAE's latent is one
-    draw of ``latent_dist`` per example (from a generator seeded by ``(seed, index)``).  Under
-    several processes, rank ``r`` writes the shards ``k = r mod world`` and rank 0 the index
-    after all shards exist (call it on every rank with ``rank``/``world``; a barrier is the
-    caller's, e.g. ``accelerator.wait_for_everyone()`` before rank 0's final call with
-    ``rank=0, world=1`` is not needed: rank 0 waits for the shard files itself)."""
+    draw of ``latent_dist`` per example (from a generator seeded by ``(seed, index)``), so the
+    shards do not depend on batching or on the number of processes.  Under several processes call
+    it on every rank with its ``rank`` and ``world``: rank ``r`` writes the shards
+    ``k = r mod world``, and rank 0 writes the index once every shard file exists (it waits for
+    them)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
