@@ -60,7 +60,9 @@ class DataSource(Protocol):
     """Anything that draws a batch from per-sample generators.
 
     ``sample(gens, device)`` returns ``(x0, cond)``: the clean data (B, ...) and the conditioning
-    passed to teacher and student (tensors with B rows travel with their sample)."""
+    passed to teacher and student (tensors with B rows travel with their sample, also inside
+    nested dicts).  Sources too large for memory are *streaming* sources instead
+    (:mod:`fewstep.distill.stream`: ``streaming = True``, read by position, resumable)."""
 
     shape: tuple[int, ...]
 

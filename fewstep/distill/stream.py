@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep._util import IMAGE_EXTENSIONS, atomic_write_json, derived_seed, seeded_generator, tree_leaves, tree_map
+from fewstep._util import IMAGE_EXTENSIONS, atomic_write_json, derived_seed, seeded_generator
 
 __all__ = [
     "ImageTextFolder",
@@ -459,7 +459,6 @@ def precompute(data: ImageTextData, folder: str | os.PathLike, *, shard_size: in
     n = data.num_examples
     shards = [(k, k * shard_size, min(n, (k + 1) * shard_size)) for k in range(math.ceil(n / shard_size))]
     mine = [s for s in shards if s[0] % world == rank]
-    view = _Positions(data, seed)
     keys: list[str] | None = None
     for k, lo, hi in mine:
         parts: list[dict[str, torch.Tensor]] = []
@@ -475,7 +474,6 @@ def precompute(data: ImageTextData, folder: str | os.PathLike, *, shard_size: in
         tmp = folder / f".shard-{k:05d}.tmp-{os.getpid()}"
         save_file(tensors, str(tmp))
         os.replace(tmp, folder / f"shard-{k:05d}.safetensors")
-    del view
     if rank == 0:
         import time
 
