@@ -160,3 +160,22 @@ def test_sd15_and_sdxl_lora_examples_run_on_tiny_pipelines(tmp_path, one_thread,
     assert "student saved" in capsys.readouterr().out and (tmp_path / "sd-run" / "validation" / "step-0000002.png").is_file()
     assert sdxl([str(tmp_path / "xl"), "--data", str(images), *small, "--lora-rank", "4", "--out", str(tmp_path / "xl-run")]) == 0
     assert "LoRA saved" in capsys.readouterr().out and (tmp_path / "xl-run" / "student" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_fewstep_distill_lcd_on_a_tensor_dict_exits_0_with_the_guided_probe(tmp_path, one_thread, capsys):
+    """`--objective lcd --data FILE.pt` (latents, text states and 'uncond'): trains, saves and exits
+    0; the probe's teacher is the guided one at the middle of the guidance range (formerly: rc 2)."""
+    import tiny_pipelines as tp
+
+    from fewstep.cli import main
+
+    tp.pipeline(tmp_path / "sd")
+    torch.save({"latents": torch.randn(8, 4, 8, 8), "encoder_hidden_states": torch.randn(8, 12, 32),
+                "uncond": {"encoder_hidden_states": torch.zeros(1, 12, 32)}}, tmp_path / "d.pt")
+    code = main(["distill", "--objective", "lcd", "--teacher", str(tmp_path / "sd"), "--data", str(tmp_path / "d.pt"), "--num-intervals", "10",
+                 "--steps", "2", "--batch-size", "2", "--probe-samples", "4", "--out", str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "teacher (dpmpp_2m, w=11)" in out.out  # (6 + 16) / 2
+    rows = json.loads((tmp_path / "run" / "quality.json").read_text())
+    assert len(rows) == 5 and all(r["rmse"] == r["rmse"] for r in rows)  # finite numbers, no NaN
