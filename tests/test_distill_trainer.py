@@ -228,3 +228,27 @@ def test_saved_student_reloads_into_a_pipeline_and_samples_with_its_sampler(tmp_
         expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         # the scheduler applies the student's boundary condition: the same tensors as pull style
         assert abs(images - expected).max() == 0.0
+
+
+def test_metrics_csv_always_and_trackers_when_installed(tmp_path, monkeypatch, digits_mixture, ddpm_schedule):
+    """metrics.csv and metrics.jsonl hold the same rows; a tracker that is installed (W&B here, in
+    its disabled mode: no network, no files) receives them through accelerate; one that is not
+    installed is refused before anything runs."""
+    import csv
+    import importlib.util
+
+    cfg_kw = dict(steps=4, log_every=2)
+    if importlib.util.find_spec("wandb") is not None:
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        cfg_kw["log_with"] = ("wandb",)
+    d = Distiller(CD(num_intervals=4, teacher_sampler="ddim"), MixtureData(digits_mixture), digits_mixture.denoiser(ddpm_schedule),
+                  MLPNet(dim=64, hidden=32, depth=1), prediction_type="sample", config=cfg(tmp_path, **cfg_kw))
+    d.train()
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    js = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in js] == [2, 4]
+    assert all(abs(float(a["loss"]) - b["loss"]) < 1e-12 for a, b in zip(rows, js))
+    missing = next((t for t in ("tensorboard", "wandb") if importlib.util.find_spec(t) is None), None)
+    if missing is not None:
+        with pytest.raises(ValueError, match=f"log_with={missing!r} needs the {missing} package"):
+            DistillConfig(log_with=(missing,)).check()
