@@ -210,7 +210,7 @@ def test_sampling_ema_is_diffusers_ema_model():
 
 def test_nested_conditioning_through_guidance_and_the_teacher_step(ddpm_schedule):
     """SDXL-style conditioning ``{"encoder_hidden_states", "added_cond_kwargs": {"text_embeds",
-    "time_ids"}}``: classifier-free guidance stacks every leaf with its unconditional counterpart
+    "time_ids"}}`` plus an image-shaped ControlNet input: classifier-free guidance stacks every leaf with its unconditional counterpart
     (``None``: the conditional value in both branches), and the teacher's per-sample interval
     step regroups nested per-sample leaves with their samples (equal to running each sample alone,
     1e-6)."""
@@ -222,22 +222,25 @@ def test_nested_conditioning_through_guidance_and_the_teacher_step(ddpm_schedule
     class Net:
         schedule = ddpm_schedule
 
-        def __call__(self, x, t, encoder_hidden_states, added_cond_kwargs):
+        def __call__(self, x, t, encoder_hidden_states, added_cond_kwargs, controlnet_cond):
             seen.append(added_cond_kwargs["time_ids"].clone())
             shift = encoder_hidden_states.mean(1) + added_cond_kwargs["text_embeds"] + added_cond_kwargs["time_ids"][:, :4] / 100
-            return 0.9 * x + shift
+            return 0.9 * x + shift + controlnet_cond.flatten(1)[:, :4]
 
     g = torch.Generator().manual_seed(0)
     cond = {"encoder_hidden_states": torch.randn(3, 2, 4, generator=g),
-            "added_cond_kwargs": {"text_embeds": torch.randn(3, 4, generator=g), "time_ids": torch.randn(3, 6, generator=g)}}
-    uncond = {"encoder_hidden_states": torch.zeros(1, 2, 4), "added_cond_kwargs": {"text_embeds": torch.zeros(1, 4), "time_ids": None}}
+            "added_cond_kwargs": {"text_embeds": torch.randn(3, 4, generator=g), "time_ids": torch.randn(3, 6, generator=g)},
+            "controlnet_cond": torch.randn(3, 1, 2, 2, generator=g)}  # an image-shaped ControlNet input per sample
+    uncond = {"encoder_hidden_states": torch.zeros(1, 2, 4), "added_cond_kwargs": {"text_embeds": torch.zeros(1, 4), "time_ids": None},
+              "controlnet_cond": None}  # the control image in both branches, as diffusers' ControlNet pipelines
     x = torch.randn(3, 4, generator=g)
     t = torch.tensor([900.0, 500.0, 40.0], dtype=torch.float64)
     out = ClassifierFreeGuidance(Net(), 3.0, uncond)(x, t, **cond)
     assert torch.equal(seen[-1], torch.cat([cond["added_cond_kwargs"]["time_ids"]] * 2))
     net = Net()
     c, u_cond = net(x, t, **cond), net(x, t, cond["encoder_hidden_states"] * 0,
-                                       {"text_embeds": cond["added_cond_kwargs"]["text_embeds"] * 0, "time_ids": cond["added_cond_kwargs"]["time_ids"]})
+                                       {"text_embeds": cond["added_cond_kwargs"]["text_embeds"] * 0, "time_ids": cond["added_cond_kwargs"]["time_ids"]},
+                                       cond["controlnet_cond"])
     assert torch.allclose(out, u_cond + 3.0 * (c - u_cond), rtol=0, atol=1e-6)
     solver = IntervalSolver("dpmpp_2s", ddpm_schedule)
     guided = ClassifierFreeGuidance(Net(), 3.0, uncond)
@@ -247,5 +250,6 @@ def test_nested_conditioning_through_guidance_and_the_teacher_step(ddpm_schedule
     for b in range(3):
         one = solver(guided, x[b : b + 1], hi[b : b + 1], lo[b : b + 1],
                      {"encoder_hidden_states": cond["encoder_hidden_states"][b : b + 1],
-                      "added_cond_kwargs": {k: v[b : b + 1] for k, v in cond["added_cond_kwargs"].items()}})
+                      "added_cond_kwargs": {k: v[b : b + 1] for k, v in cond["added_cond_kwargs"].items()},
+                      "controlnet_cond": cond["controlnet_cond"][b : b + 1]})
         assert torch.allclose(both[b], one[0], rtol=0, atol=1e-6)

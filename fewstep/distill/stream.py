@@ -407,6 +407,10 @@ class ImageTextData(_IndexedStream):
     def prepare(self, raw: dict[str, Any], gens: Sequence[torch.Generator], device: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         return self.encoder.encode(raw, gens, device)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers only decode: the encoder (possibly on a GPU) stays in the training process
+        return {**self.__dict__, "encoder": None}
+
     def unconditional(self) -> dict[str, Any]:
         return self.encoder.unconditional()
 
