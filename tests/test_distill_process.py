@@ -1,6 +1,6 @@
 """Process-level behaviour of the distillation trainer: a run killed with SIGKILL resumes and
-ends on exactly the weights of an uninterrupted run, and two processes (torchrun, gloo) train the
-same student as one process with the same global batch.  Both use tests/distill_job.py."""
+ends on exactly the weights of an uninterrupted run, and two processes (`accelerate launch`, gloo)
+train the same student as one process with the same global batch.  Both use tests/distill_job.py."""
 
 from __future__ import annotations
 
@@ -76,9 +76,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # both ranks skip that step (one skipped step reported, weights equal across the two runs).
     one, two = tmp_path / "one", tmp_path / "two"
     out1 = _run([one, "--steps", 30, "--checkpoint-every", 30, "--nan-at", "5:3"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(JOB), str(two), "--steps", "30", "--checkpoint-every", "30", "--nan-at", "5:3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    # through `accelerate launch` (its multi-GPU launcher starts two gloo processes on a CPU-only
+    # machine; `torchrun --nproc_per_node 2` is the same launch underneath)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(_free_port()), str(JOB), str(two), "--steps", "30", "--checkpoint-every", "30", "--nan-at", "5:3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("processes=2") == 2 and "skipped=1" in r.stdout and "skipped=1" in out1
     # Same samples and noise per global index; DDP averages the two half-batch gradients, which
