@@ -795,7 +795,8 @@ def _check_fsdp_device() -> None:
         raise ValueError(
             "FSDP needs GPUs (or another accelerator): torch's FullyShardedDataParallel refuses CPU-only processes "
             "('FSDP needs a non-CPU accelerator device'), and so does accelerate's FSDP plugin. On CPUs train with DDP "
-            "(torchrun --nproc_per_node N, which the trainer's accelerate picks up); on GPUs see examples/accelerate/fsdp_8gpu.yaml"
+            "(accelerate launch --multi_gpu --num_processes N, which starts N gloo processes on a CPU-only machine, or torchrun); "
+            "on GPUs see examples/accelerate/fsdp_8gpu.yaml"
         )
 
 
