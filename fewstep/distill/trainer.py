@@ -26,8 +26,13 @@ copy, or the student under stop-gradient), the frozen teacher and the optimizer,
   already holds something is refused unless the run resumes (``resume=``); a resume whose
   settings differ from the checkpoint's says which value is used (the checkpoint's learning
   rate, betas and weight decay, which its optimizer state carries; this run's other settings).
-* **Result.**  The student in diffusers format plus the JSON naming its sampler
-  (:mod:`fewstep.distill.export`).
+* **Data.**  In-memory sources draw from the per-sample generators; streaming sources
+  (:mod:`fewstep.distill.stream`) are read by position, decoded in DataLoader workers and
+  encoded on the training device, and their position is saved with every checkpoint.
+* **Averages.**  The target EMA of the loss and a separate sampling EMA (:mod:`fewstep.distill.ema`),
+  which is validated and exported by default.
+* **Result.**  The student in diffusers format plus the JSON naming its sampler, or for a LoRA
+  student its adapter in diffusers' LoRA format (:mod:`fewstep.distill.export`).
 """
 
 from __future__ import annotations
@@ -199,7 +204,10 @@ class Distiller:
             that differs from the teacher's while initialising from the teacher is an error.
         schedule: the noise schedule; default the teacher's (required for iCT).
         lora: a ``peft.LoraConfig``: the student is the teacher's own network with these adapters,
-            the teacher the same network with the adapters switched off (needs ``target_ema = 0``).
+            the teacher the same network with the adapters switched off (needs ``target_ema = 0``);
+            under bf16/fp16 the frozen base is stored in that dtype, the adapters stay fp32;
+            checkpoints hold the adapters only and the student folder holds them in diffusers'
+            LoRA format (``pipe.load_lora_weights``).
         guidance_embedding_dim: for LCD students built from the teacher, the size of the guidance
             embedding (``time_cond_proj_dim``; LCM: 256).
         scheduler_config: the teacher's diffusers scheduler config, recorded with the student.
