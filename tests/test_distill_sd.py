@@ -29,7 +29,7 @@ class Float32Noise(fewstep.samplers.core.NoiseSource):
 
 
 def _cfg(out, **kw):
-    return DistillConfig(**{"output_dir": out, "steps": 60, "batch_size": 4, "lr": 1e-4, "progress": False, "log_every": 5,
+    return DistillConfig(**{"output_dir": out, "steps": 40, "batch_size": 4, "lr": 2e-4, "progress": False, "log_every": 5,
                             "checkpoint_every": 1000, "num_workers": 2, "cpu": True, **kw})
 
 
@@ -54,9 +54,9 @@ def _pipeline_latents(pipe, noise, nfe, **kw):
 
 
 def test_tiny_sd15_lcd_from_image_caption_files(tmp_path, one_thread):
-    """SD 1.5-shaped: LCD with a guidance embedding, 60 steps from 12 image-caption files (two
+    """SD 1.5-shaped: LCD with a guidance embedding, 40 steps from 12 image-caption files (two
     DataLoader workers, on-the-fly VAE and CLIP encoding, the empty prompt as unconditional input).
-    The Huber loss on fixed batches falls by 20% or more (measured: 29%); the saved UNet loads with
+    The Huber loss on fixed batches falls by 20% or more (measured: 27%); the saved UNet loads with
     ``from_pretrained`` into a ``StableDiffusionPipeline`` and, with ``LCMScheduler`` and with the
     saved ``FewstepScheduler``, gives the latents of ``fewstep.sample(student, noise, "lcm")`` at 1
     and 2 steps (relative 1e-5)."""
@@ -100,8 +100,9 @@ def test_tiny_sd15_lcd_from_image_caption_files(tmp_path, one_thread):
 
 def test_tiny_sdxl_lcm_lora_from_image_caption_files(tmp_path, one_thread):
     """SDXL-shaped (two text encoders, ``text_time`` embedding with pooled text embeddings and
-    time ids from each image's original size and crop): LCM-LoRA, 60 steps, bf16 autocast with
-    the frozen base in bf16 and fp32 adapters.  The loss on fixed batches falls by 20% or more;
+    time ids from each image's original size and crop): LCM-LoRA, 40 steps, bf16 autocast with
+    the frozen base in bf16 and fp32 adapters.  The loss on fixed batches falls by 20% or more
+    (measured: 31%);
     checkpoints hold
     the adapters only; ``pipe.load_lora_weights(student_folder)`` + ``pipe.fuse_lora()`` gives a
     UNet whose LCM sampling (``LCMScheduler`` and ``FewstepScheduler``) equals ``fewstep.sample``
@@ -121,7 +122,7 @@ def test_tiny_sdxl_lcm_lora_from_image_caption_files(tmp_path, one_thread):
     assert float(uncond["encoder_hidden_states"].abs().max()) == 0 and uncond["added_cond_kwargs"]["time_ids"] is None
     lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0", "time_emb_proj"])
     d = Distiller(obj, data, teacher, lora=lora, scheduler_config=dict(pipe.scheduler.config),
-                  config=_cfg(tmp_path / "run", precision="bf16", lr=1e-3, checkpoint_every=30))
+                  config=_cfg(tmp_path / "run", precision="bf16", lr=1e-3, checkpoint_every=20))
     before = _fixed_loss(obj, data, d.student, d.teacher, autocast=True)
     run = d.train()
     after = _fixed_loss(obj, data, d.student, d.teacher, autocast=True)
