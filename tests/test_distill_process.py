@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 JOB = Path(__file__).resolve().parent / "distill_job.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# every process of these tests imports the fewstep of this checkout (not another installed copy)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _run(args, **kw):
@@ -80,7 +81,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # machine; `torchrun --nproc_per_node 2` is the same launch underneath)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
            str(_free_port()), str(JOB), str(two), "--steps", "30", "--checkpoint-every", "30", "--nan-at", "5:3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("processes=2") == 2 and "skipped=1" in r.stdout and "skipped=1" in out1
     # Same samples and noise per global index; DDP averages the two half-batch gradients, which
@@ -109,7 +110,7 @@ def test_fsdp_on_two_cpu_processes_is_refused_clearly(tmp_path):
     accelerate's FSDP plugin refuses first), so the trainer stops before any work with one message
     saying so, what to use on CPUs (DDP) and where the GPU configuration is."""
     (tmp_path / "fsdp.yaml").write_text(FSDP_CONFIG)
-    env = {**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = ENV
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"), "--main_process_port",
            str(_free_port()), str(JOB), str(tmp_path / "out"), "--steps", "4"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
