@@ -42,6 +42,7 @@ what it understands.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Mapping
@@ -331,17 +332,13 @@ def diffusers_class(class_name: str | None) -> type | None:
     return getattr(diffusers, class_name, None)
 
 
-def infer_class(cfg: Mapping[str, Any]) -> str | None:
-    """The scheduler class of a config without ``_class_name`` (``scheduler.config`` in memory
-    carries none; diffusers adds it only when saving): the class whose ``__init__`` keys are exactly
-    the config's.  ``None`` when no class matches (a hand-written mapping: read by its keys).
-    Classes with the same keys and the same meaning here (DDIM / DDIMParallel, LMS / KDPM2, ...)
-    are interchangeable; a tie between meanings (``LCMScheduler`` / ``TCDScheduler``) is an
-    error asking for the scheduler itself."""
+@functools.lru_cache(maxsize=None)
+def _installed_classes() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(name, ``__init__`` parameters in order) of every scheduler class this diffusers exports, and
+    of FewstepScheduler."""
     import diffusers.schedulers as schedulers
 
-    keys = {k for k in cfg if not k.startswith("_")}
-    matches = []
+    out = []
     for name in sorted(dir(schedulers)):
         if not name.endswith("Scheduler") or "Flax" in name:
             continue
@@ -349,33 +346,70 @@ def infer_class(cfg: Mapping[str, Any]) -> str | None:
             cls = getattr(schedulers, name)
         except Exception:  # an optional dependency missing (torchsde, scipy)
             continue
-        if not inspect.isclass(cls) or not hasattr(cls, "__init__"):
-            continue
-        params = {k for k in inspect.signature(cls.__init__).parameters if k != "self"}
-        if params == keys:
-            matches.append(name)
+        if inspect.isclass(cls):
+            out.append((name, tuple(k for k in inspect.signature(cls.__init__).parameters if k != "self")))
+    from fewstep.samplers.diffusers_adapter import FewstepScheduler
+
+    out.append(("FewstepScheduler", tuple(k for k in inspect.signature(FewstepScheduler.__init__).parameters if k != "self")))
+    return tuple(out)
+
+
+def class_parameters(class_name: str | None) -> tuple[str, ...] | None:
+    for name, params in _installed_classes():
+        if name == class_name:
+            return params
+    return None
+
+
+def _all_parameters() -> set[str]:
+    return {k for _, params in _installed_classes() for k in params}
+
+
+def infer_class(cfg: Mapping[str, Any]) -> str | None:
+    """The scheduler class of a config without ``_class_name`` (``scheduler.config`` in memory
+    carries none; diffusers adds it only when saving).  A scheduler registers its ``__init__``
+    keys first, in signature order, and ``from_config`` appends the keys of the class it was
+    switched from after them (diffusers keeps them "for compatible classes"), so the class is the
+    one whose parameters are the config's leading keys (the longest such).  ``None`` when no class
+    matches (a hand-written mapping: read by its keys).  Classes with the same keys and the same
+    family (DDIM / DDIMParallel, LMS / KDPM2, LCM / TCD ...) read the same schedule; a tie between
+    families is an error asking for the scheduler itself."""
+    keys = [k for k in cfg if not k.startswith("_")]
+    matches: list[tuple[int, str]] = []
+    for name, params in _installed_classes():
+        if params and tuple(keys[: len(params)]) == params:
+            matches.append((len(params), name))
     if not matches:
         return None
-    families = {CLASSES.get(m, ("unknown", m))[0] for m in matches}
+    longest = max(n for n, _ in matches)
+    names = [m for n, m in matches if n == longest]
+    if "FewstepScheduler" in names:
+        return "FewstepScheduler"
+    families = {CLASSES.get(m, ("unknown", m))[0] for m in names}
     if len(families) > 1 or "refuse" in families or "unknown" in families:
         raise ValueError(
-            f"this config has no _class_name and its keys fit {', '.join(matches)}, which mean different things to "
+            f"this config has no _class_name and its keys fit {', '.join(names)}, which mean different things to "
             "fewstep; pass the scheduler itself (FewstepScheduler.from_config(pipe.scheduler)) or add its _class_name"
         )
-    return matches[0]
+    return names[0]
+
+
+def source_class(config_or_scheduler: Any) -> str | None:
+    """The scheduler class a config (or scheduler) belongs to: its ``_class_name``, else inferred."""
+    cfg = _as_mapping(config_or_scheduler)
+    name = cfg.get("_class_name")
+    return str(name) if name else infer_class(cfg)
 
 
 def same_key_classes(class_name: str, cfg: Mapping[str, Any]) -> list[str]:
     """Other accepted classes with exactly ``class_name``'s keys whose default sampler differs
     (``LCMScheduler`` / ``TCDScheduler``): the schedule is the same, the sampler is not."""
     mine = CLASSES.get(class_name, ("", None))
-    others = []
-    for name, meaning in CLASSES.items():
-        if name != class_name and meaning[0] == mine[0] and meaning[1] != mine[1]:
-            cls = diffusers_class(name)
-            if cls is not None and {k for k in inspect.signature(cls.__init__).parameters if k != "self"} == {k for k in cfg if not k.startswith("_")}:
-                others.append(name)
-    return others
+    params = class_parameters(class_name)
+    return [
+        name for name, meaning in CLASSES.items()
+        if name != class_name and meaning[0] == mine[0] and meaning[1] != mine[1] and class_parameters(name) == params
+    ]
 
 
 def _family_of(class_name: str | None, cfg: Mapping[str, Any]) -> str:
@@ -403,6 +437,27 @@ def _family_of(class_name: str | None, cfg: Mapping[str, Any]) -> str:
     )
 
 
+def _own_keys(class_name: str | None, cfg: dict[str, Any], overrides: Mapping[str, Any]) -> list[str]:
+    """Drop (and return) the keys diffusers carried along from other classes: keys that are not
+    parameters of ``class_name`` but are parameters of another installed scheduler class (diffusers
+    keeps them "for compatible classes"; the class itself ignores them).  A key that is a parameter
+    of no installed class stays, and :func:`_check_keys` refuses it (a newer diffusers)."""
+    params = class_parameters(class_name)
+    if params is None:
+        return []
+    everything = _all_parameters()
+    hidden = [k for k in cfg if not k.startswith("_") and k not in params and k in everything and k not in overrides]
+    for k in overrides:
+        if k not in params:
+            raise ValueError(
+                f"{k!r} is not a setting of {class_name}, so it has no meaning for this config; pass it only with a "
+                "scheduler that has it"
+            )
+    for k in hidden:
+        del cfg[k]
+    return hidden
+
+
 def _check_keys(class_name: str | None, cfg: Mapping[str, Any]) -> None:
     where = class_name or "the config"
     for k, v in cfg.items():
@@ -425,12 +480,15 @@ def read_config(config_or_scheduler: Any, overrides: Mapping[str, Any] | None = 
     and count as set."""
     cfg = _as_mapping(config_or_scheduler)
     overrides = dict(overrides or {})
-    if cfg.get("_class_name") == "FewstepScheduler" or (not cfg.get("_class_name") and "sampler" in cfg and "family" in cfg):
-        return _read_fewstep(cfg, overrides)
     class_name = cfg.get("_class_name")
     inferred = not class_name
     class_name = str(class_name) if class_name else infer_class(cfg)
+    if class_name == "FewstepScheduler":
+        return _read_fewstep(cfg, overrides)
     ambiguous = same_key_classes(class_name, cfg) if inferred and class_name else []
+    if class_name and class_name in CLASSES and CLASSES[class_name][0] != "refuse" and class_parameters(class_name) is None:
+        raise ValueError(f"{class_name} is not in this diffusers, so its config cannot be read against its own keys")
+    hidden = _own_keys(class_name, cfg, overrides) if class_name in CLASSES and CLASSES[class_name][0] != "refuse" else []
     defaults_used = set(cfg.get("_use_default_values") or ())
     cfg.update(overrides)
     defaults_used -= set(overrides)
@@ -457,7 +515,7 @@ def read_config(config_or_scheduler: Any, overrides: Mapping[str, Any] | None = 
         source["_class_name"] = class_name
     if defaults_used:
         source["_use_default_values"] = sorted(defaults_used)
-    notes: list[str] = []
+    notes: list[str] = [f"ignored {k!r}: a key of another scheduler class, carried along by diffusers" for k in hidden]
 
     # -- the schedule ------------------------------------------------------------------------------
     if get("invert_sigmas", False):

@@ -609,7 +609,8 @@ def diffusers_alphas_cumprod(
     ``snr_shift_scale`` is CogVideoX's SNR shift (``CogVideoXDDIMScheduler`` /
     ``CogVideoXDPMScheduler``, "following SD3", Esser et al. 2024 eq. 23 applied to the SNR):
     ``alphas_cumprod / (s + (1 - s) alphas_cumprod)``, which divides the SNR by ``s``; those
-    schedulers rescale to zero terminal SNR *after* the shift, on ``alphas_cumprod``."""
+    schedulers rescale to zero terminal SNR *after* the shift, on ``alphas_cumprod``, and build
+    ``scaled_linear`` betas in float64 (so the whole chain is float64 there, as in diffusers)."""
     if snr_shift_scale is None:
         return torch.cumprod(
             1.0 - diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr),
@@ -618,7 +619,11 @@ def diffusers_alphas_cumprod(
     s = float(snr_shift_scale)
     if not s > 0:
         raise ValueError(f"snr_shift_scale must be positive, got {snr_shift_scale}")
-    ac = torch.cumprod(1.0 - diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False), dim=0)
+    if trained_betas is None and beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, int(num_train_timesteps), dtype=torch.float64) ** 2
+    else:
+        betas = diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False)
+    ac = torch.cumprod(1.0 - betas, dim=0)
     ac = ac / (s + (1 - s) * ac)
     if rescale_betas_zero_snr:  # Lin et al. 2024, Algorithm 1, on sqrt(alphas_cumprod)
         root = ac.sqrt()

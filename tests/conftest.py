@@ -56,3 +56,13 @@ def ddpm_schedule():
     from fewstep.eval.exact import default_schedule
 
     return default_schedule()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one thread (restored after): tiny tensors gain nothing from more, and on a
+    shared CPU OpenMP's waiting threads make them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

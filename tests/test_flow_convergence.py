@@ -42,12 +42,7 @@ T_START = 1.0 / (1.0 + math.exp(float(_VP.lambda_(_VP.t_max))))
 T_MIN = 1.0 / (1.0 + math.exp(float(_VP.lambda_(_VP.t_min))))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

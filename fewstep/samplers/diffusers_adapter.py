@@ -239,24 +239,31 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ``sampler_options``, ``spacing``, ``final``, ...) and keys of the replaced scheduler
         (``use_karras_sigmas=True``, ``timestep_spacing="trailing"``, ``prediction_type=...``), which
         count as set.  A FewstepScheduler config is loaded as diffusers loads any config."""
-        from fewstep.diffusers_config import KEYS, read_config
+        from fewstep.diffusers_config import KEYS, class_parameters, read_config, source_class
 
         cfg = dict(config.config if hasattr(config, "config") and not isinstance(config, Mapping) else (config or {}))
-        name = cfg.get("_class_name")
-        if name is None and hasattr(config, "config") and not isinstance(config, Mapping):
-            name = cfg["_class_name"] = type(config).__name__
+        if not cfg.get("_class_name") and hasattr(config, "config") and not isinstance(config, Mapping):
+            cfg["_class_name"] = type(config).__name__
         own_params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        if name == cls.__name__ or (name is None and ("sampler" in cfg or "family" in cfg)):
+        name = source_class(cfg) if cfg else cls.__name__
+        if name == cls.__name__:
+            cfg.pop("_class_name", None)
             return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in _OWN_KEYS}
-        if name is None and own.get("sampler") in ("lcm", "tcd") and "original_inference_steps" in cfg:
-            cfg["_class_name"] = {"lcm": "LCMScheduler", "tcd": "TCDScheduler"}[own["sampler"]]  # their keys are the same
-        unknown = [k for k in kwargs if k not in KEYS and k not in own_params]
-        if unknown:
+        if name is None and kwargs.get("sampler") in ("lcm", "tcd") and "original_inference_steps" in cfg:
+            name = {"lcm": "LCMScheduler", "tcd": "TCDScheduler"}[kwargs["sampler"]]
+        if name is not None:
+            cfg["_class_name"] = name
+        params = set(class_parameters(name) or ()) if name else set(cfg) | set(KEYS)
+        # keyword arguments: the replaced scheduler's keys update its config (and count as set);
+        # FewstepScheduler's own settings win over what the config implies; anything else is an error
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in params and k not in _OWN_KEYS}
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in own_params}
+        if kwargs:
             raise TypeError(
-                f"FewstepScheduler.from_config got unexpected keyword argument(s) {sorted(unknown)}: neither a FewstepScheduler "
-                "setting nor a key of a diffusers scheduler config"
+                f"FewstepScheduler.from_config got unexpected keyword argument(s) {sorted(kwargs)}: neither a FewstepScheduler "
+                f"setting nor a key of {name or 'the config'}"
             )
+        kwargs = overrides
         read = read_config(cfg, overrides=kwargs)
         if read.ambiguous and "sampler" not in own:
             raise ValueError(
@@ -296,8 +303,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """The diffusers schedulers that read this config as the same schedule (tested)."""
         import diffusers
 
+        from fewstep.diffusers_config import CLASSES
+
         names = {
-            "vp_discrete": self._compatibles,
+            "vp_discrete": [n for n in self._compatibles if CLASSES.get(n, ("",))[0] == "vp"],
             "flow": ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"],
             "edm": ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"] if self.config.precondition == "edm" else [],
             "vp_sigma": [],
