@@ -27,12 +27,14 @@ none       no effect on the result, for the reason given
 refuse     a ``ValueError`` naming the key and what to do
 ========== ===================================================================================
 
-**Set or default.**  A grid, final-step or processing key is *set* when the config chose it: it is
-not in diffusers' ``_use_default_values`` (the keys a scheduler was built without; diffusers
-itself drops them when switching classes), or it was passed to ``FewstepScheduler.from_config``.
-A key at its class default expresses no choice of the model's authors (every config carries one),
-so fewstep's measured-best default grid applies; a set key (a zero-SNR model's ``trailing``, a
-Karras config, ``set_alpha_to_one=False``) is followed.  Schedule and prediction keys are always
+**Set or default.**  A grid or final-step key is *set* when its value differs from its class's
+default, or when it was passed to ``FewstepScheduler.from_config``: a value at the class default
+expresses no choice of the model's authors (diffusers writes every key, so every config carries
+the historical default of each), and fewstep's measured-best default grid applies; a set key (a
+zero-SNR model's ``trailing``, a Karras config, ``set_alpha_to_one=False``) is followed.  A
+processing key (clipping, thresholding: they belong to the data's range) follows diffusers' own
+rule: set unless it is in ``_use_default_values`` (the keys a scheduler was built without;
+diffusers itself drops them when switching classes).  Schedule and prediction keys are always
 honoured, whatever ``_use_default_values`` says (diffusers' own class switching would replace
 them by the new class's defaults: ``KDPM2DiscreteScheduler``'s default ``beta_start`` is 0.00085).
 
@@ -498,13 +500,15 @@ def read_config(config_or_scheduler: Any, overrides: Mapping[str, Any] | None = 
 
     def is_set(k: str) -> bool:
         """The config chose ``k`` (see the module docstring)."""
-        if k not in cfg or k in defaults_used:
+        if k not in cfg:
             return False
-        if class_name is None or k in overrides or "_use_default_values" in cfg:
+        if k in overrides:
             return True
-        # A scheduler loaded from disk has no _use_default_values (diffusers writes every key, defaults
-        # included): there a key counts as chosen when it differs from the class default.
-        return k not in cls_defaults or cfg[k] != cls_defaults[k]
+        if KEYS[k].kind == "processing":  # diffusers' own rule: a key not left at its default when built
+            return k not in defaults_used
+        # grid and final-step keys: chosen when away from the class default (a config written out by
+        # diffusers, or by hand, carries the historical default of every key)
+        return class_name is None or k not in cls_defaults or cfg[k] != cls_defaults[k]
 
     def get(k: str, default: Any = None) -> Any:
         v = cfg.get(k, cls_defaults.get(k, default))
@@ -645,21 +649,6 @@ def _read_fewstep(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> ReadC
     sch = FewstepScheduler.from_config({k: v for k, v in cfg.items() if k != "_class_name"}, **overrides)
     prediction = sch._precondition.prediction_type if sch._precondition is not None else sch._prediction_type
     return ReadConfig("FewstepScheduler", sch.config.family, sch.schedule, prediction, _plain(dict(sch.config)))
-
-
-def check_mu(read: ReadConfig, mu: float | None) -> float | None:
-    """The shift for ``mu`` (``None`` if no mu and none needed); a clear error where diffusers asserts."""
-    if mu is None:
-        if read.flow.get("use_dynamic_shifting"):
-            raise ValueError("use_dynamic_shifting=True: pass mu to set_timesteps (the pipeline computes it from the image size)")
-        return None
-    if read.family != "flow":
-        raise ValueError(f"mu is the dynamic time shift of flow-matching schedules; this is a {read.family} schedule")
-    return FlowMatching.dynamic_shift(mu, read.flow.get("time_shift_type", "exponential"))
-
-
-def is_finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from diffusers import (
 import fewstep
 from fewstep import FewstepScheduler
 from fewstep.models import DiffusersDenoiser, PredictionDenoiser
-from fewstep.schedules import FlowMatching, from_diffusers
+from fewstep.schedules import from_diffusers
 
 TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")

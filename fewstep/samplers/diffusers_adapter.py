@@ -37,7 +37,6 @@ from fewstep.schedules import (
     NoiseSchedule,
     VPDiscrete,
     VPSigma,
-    default_spacing,
     diffusers_alphas_cumprod,
     time_grid,
 )
