@@ -29,6 +29,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin
 
+import fewstep
 from fewstep import FewstepScheduler
 from fewstep.diffusers_config import CLASSES, KEYS, read_config
 from fewstep.models import DiffusersDenoiser
@@ -149,6 +150,9 @@ def test_pipeline_sigmas_timesteps_and_strength():
     native = FlowMatchEulerDiscreteScheduler(shift=3.0)
     native.set_timesteps(sigmas=[1.0, 2.0 / 3.0, 1.0 / 3.0])
     assert torch.allclose(flow.program.grid.float(), native.sigmas, rtol=1e-6)
+    own = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), sampler="euler", spacing="shifted")
+    own.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=math.log(2.0))  # an explicit fewstep spacing wins over Flux's default sigmas
+    assert own.program.grid.tolist() == fewstep.samplers.prepare("euler", 4, FlowMatching(shift=2.0)).grid.tolist()
     custom = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0), sampler="euler")
     custom.set_timesteps(timesteps=[1000.0, 600.0, 200.0])  # evaluation times themselves (flow: 1000 t)
     assert custom.program.eval_times == [1.0, 0.6, 0.2]

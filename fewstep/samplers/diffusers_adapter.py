@@ -395,7 +395,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         timesteps, one evaluation each, then a final step to the end time); ``sigmas`` are the
         pipeline's grid (Flux always passes ``linspace(1, 1/n, n)``), taken through the replaced
         scheduler's own shift (``mu``: the dynamic shift) and resampled to the number of steps the
-        sampler needs for its budget; ``mu`` shifts a flow schedule's grid (``shift = e^mu``);
+        sampler needs for its budget, unless this scheduler was given a fewstep ``spacing`` (which then
+        wins: FluxPipeline passes its default sigmas on every call); ``mu`` shifts a flow schedule's
+        grid (``shift = e^mu``);
         ``original_inference_steps`` and ``strength`` are LCM's (for ``lcm`` / ``tcd``)."""
         given = [k for k, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
         if not given:
@@ -436,7 +438,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             ts = [float(schedule.time_from_model_timestep(float(t))) for t in timesteps]
             end = schedule.t_zero if self.config.final == "zero" else schedule.t_min
             spacing = ts + [end]
-        elif sigmas is not None:
+        elif sigmas is not None and self.config.spacing in (None, "diffusers"):
             spacing = self._native_rule(schedule, sigmas=[float(v) for v in sigmas], mu=mu)
         elif strength != 1.0:
             if self.config.sampler not in ("lcm", "tcd") or not isinstance(schedule, VPDiscrete):
