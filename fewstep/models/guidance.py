@@ -34,6 +34,12 @@ def _cat(a: Any, b: Any, batch: int) -> Any:
     return a
 
 
+def _same(a: Any, b: Any, key: str) -> Any:
+    if a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)):
+        return a
+    raise ValueError(f"{key} has no batch dimension, so it must be the same for the conditional and unconditional branches")
+
+
 class ClassifierFreeGuidance(torch.nn.Module):
     """``D_w(x, t) = D(x, t | uncond) + w (D(x, t | cond) - D(x, t | uncond))``.
 
@@ -45,7 +51,10 @@ class ClassifierFreeGuidance(torch.nn.Module):
     conditional ``cond`` passed at call time.  The last unconditional prediction is kept in
     ``last_uncond`` for samplers that need it (CFG++).  Conditioning may be nested (SDXL's
     ``added_cond_kwargs = {"text_embeds": ..., "time_ids": ...}``, ControlNet inputs): ``uncond``
-    mirrors its structure, and each tensor leaf is stacked with its counterpart.
+    mirrors its structure, and each tensor leaf is stacked with its counterpart.  Inputs the
+    wrapped denoiser lists in its ``unbatched_cond`` (Flux's ``img_ids`` / ``txt_ids``, which have
+    no batch dimension) are passed to the batched call as they are, and must be equal in both
+    branches.
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], guidance_scale: float | torch.Tensor, uncond: Mapping[str, Any]):
@@ -62,7 +71,8 @@ class ClassifierFreeGuidance(torch.nn.Module):
             raise ValueError(
                 f"conditioning keys {sorted(cond)} do not match the unconditional keys {sorted(self.uncond)}"
             )
-        both = {k: _cat(self.uncond[k], cond[k], x.shape[0]) for k in cond}
+        flat = getattr(self.denoiser, "unbatched_cond", ())
+        both = {k: _same(self.uncond[k], cond[k], k) if k in flat else _cat(self.uncond[k], cond[k], x.shape[0]) for k in cond}
         tt = t if t.ndim == 0 else torch.cat([t, t])
         d_u, d_c = self.denoiser(torch.cat([x, x]), tt, **both).chunk(2)
         self.last_uncond = d_u
