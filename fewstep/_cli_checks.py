@@ -47,6 +47,8 @@ __all__ = [
     "output_dir",
     "device",
     "image_folder",
+    "image_zip",
+    "sampler_budget",
     "module_spec",
     "model_spec",
     "existing_path",
@@ -88,6 +90,15 @@ def nonnegative_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return v
+
+
+def sampler_budget(text: str) -> tuple[str, int]:
+    """``SAMPLER:NFE`` (e.g. ``dpmpp_3m:100``): a name and a positive NFE (the name is checked
+    against the registry later, with the other names)."""
+    name, sep, nfe = str(text).strip().partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected SAMPLER:NFE, e.g. dpmpp_3m:100, got {text!r}")
+    return name.strip(), positive_int(nfe)
 
 
 def int_at_least(low: int) -> Any:
@@ -322,6 +333,36 @@ def image_folder(folder: Any, arg: str, *, same_size: bool, limit: int = 5) -> i
         raise UsageError(f"{arg} {str(folder)!r}: the images differ in size or channels ({shown}); "
                          "resize / convert them to one size and mode first")
     return len(files)
+
+
+def image_zip(path: Any, arg: str, limit: int = 5) -> int:
+    """A ``.zip`` archive whose image members all open with PIL (header only); returns their count."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from fewstep._util import IMAGE_EXTENSIONS
+
+    p = Path(path).expanduser()
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = sorted(i.filename for i in z.infolist() if not i.is_dir() and Path(i.filename).suffix.lower() in IMAGE_EXTENSIONS)
+            bad: list[str] = []
+            for name in names:
+                try:
+                    with Image.open(io.BytesIO(z.read(name))):
+                        pass
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                    bad.append(f"{name} ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+    except (OSError, zipfile.BadZipFile) as err:
+        raise UsageError(f"{arg} {str(path)!r} is not a readable zip archive ({err})") from None
+    if not names:
+        raise UsageError(f"{arg} {str(path)!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the archive")
+    if bad:
+        shown = "; ".join(bad[:limit]) + (f"; and {len(bad) - limit} more" if len(bad) > limit else "")
+        raise UsageError(f"{arg} {str(path)!r}: {len(bad)} of {len(names)} images in the archive cannot be read: {shown}")
+    return len(names)
 
 
 def module_spec(spec: str, arg: str) -> None:
