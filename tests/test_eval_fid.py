@@ -239,8 +239,9 @@ def test_table_contents_and_errors(tmp_path):
     mu, sigma = gaussian_stats(table.features("ddim", 2))
     assert good.fid == pytest.approx(frechet_distance(mu, sigma, ref.mu, ref.sigma), rel=1e-9)
     assert table.images("ddim", 2).shape == (64, 1, 8, 8)  # keep_images defaults to 64
-    with pytest.raises(ValueError, match="different settings"):
-        fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=50, samplers=["ddim"], nfes=[2],
+    assert "sample 0 (noise seed 0) goes non-finite" in bad.error and "retry_errors=True" in bad.error
+    with pytest.raises(ValueError, match="different settings.*seed"):
+        fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=50, samplers=["ddim"], nfes=[2], seed=1,
                     run_dir=tmp_path / "run", progress=False, model_id="nan-below-50")
     with pytest.raises(ValueError, match="did you mean"):
         fid_per_nfe(den, shape=(1, 8, 8), reference=ref, num_samples=50, samplers=["dim"], nfes=[2], progress=False)

@@ -81,7 +81,16 @@ from fewstep.eval.frechet import frechet_distance, frechet_distance_from_feature
 from fewstep.eval.kid import kernel_inception_distance
 from fewstep.eval.reference import ReferenceStats
 from fewstep.eval.stats import RunningStats
-from fewstep.eval.uncertainty import DEFAULT_REPLICATES, Comparison, bootstrap_counts, compare, fd_replicates, interval, mmd_replicates
+from fewstep.eval.uncertainty import (
+    DEFAULT_REPLICATES,
+    Z95,
+    Comparison,
+    bootstrap_counts,
+    compare,
+    fd_replicates,
+    interval,
+    mmd_replicates,
+)
 from fewstep.samplers.core import NonFiniteError, model_schedule, prepare
 
 __all__ = [
@@ -97,6 +106,9 @@ __all__ = [
 _MANIFEST = "manifest.json"
 _FORMAT = 2  # 2: the model is fingerprinted and the schedule recorded
 _NOT_COMPARED = ("num_samples",)  # recorded by older versions; a run folder now grows with the sample count
+#: Above this many generated or reference samples the N x N kernel matrices of KID's bootstrap do
+#: not fit in memory; KID's interval then comes from its subsets and KID gets no paired comparison.
+MAX_KERNEL_SAMPLES = 5000
 #: The metrics of a row that carry intervals and paired comparisons: (field, what it is).
 METRICS = (("fd_ode", "FD to the exact-ODE samples"), ("fid", "FID to the reference"), ("kid", "KID to the reference"))
 
@@ -133,7 +145,8 @@ class FidRow:
     indices) and ``m_lo``/``m_hi`` (95 % interval); ``fd_ode`` is NaN without an ODE reference.
     ``kid``/``kid_std`` are clean-fid's subset mean and subset spread; ``kid_se`` is the bootstrap
     standard error of the full-sample unbiased MMD^2 (the limit of the subset mean), which is what
-    another seed would move.  ``extra`` holds optional metrics (precision, recall, ...)."""
+    another seed would move (above :data:`MAX_KERNEL_SAMPLES` samples: ``kid_std`` scaled by
+    ``sqrt(subset size / N)``, without a paired comparison).  ``extra`` holds optional metrics (precision, recall, ...)."""
 
     sampler: str
     nfe: int
@@ -677,8 +690,14 @@ def fid_per_nfe(
                          fd_ode=values["fd_ode"], extra=extra_metric_values(extra_metrics, feats, ref_feats, ext))
             if counts is not None:
                 r_fid, r_ode = fd_replicates(feats, counts, mu=reference.mu, sigma=reference.sigma, paired_with=ode_feats)
-                cell_reps = {"fid": r_fid, "fd_ode": r_ode,
-                             "kid": mmd_replicates(feats, ref_feats, counts) if ref_feats is not None else None}
+                kernel_ok = ref_feats is not None and max(num_samples, len(ref_feats)) <= MAX_KERNEL_SAMPLES
+                cell_reps = {"fid": r_fid, "fd_ode": r_ode, "kid": mmd_replicates(feats, ref_feats, counts) if kernel_ok else None}
+                if ref_feats is not None and not kernel_ok and math.isfinite(values["kid"]):
+                    # N x N kernels do not fit: the subsets' spread scaled to the full sample
+                    # (first-order U-statistic variance ~ 1/size); no paired comparison for KID.
+                    m_sub = min(kid_subset_size, num_samples, len(ref_feats))
+                    row.kid_se = kid_std * math.sqrt(m_sub / num_samples)
+                    row.kid_lo, row.kid_hi = values["kid"] - Z95 * row.kid_se, values["kid"] + Z95 * row.kid_se
                 for m, _ in METRICS:
                     if cell_reps[m] is None or not math.isfinite(values[m]):
                         continue

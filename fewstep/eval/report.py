@@ -74,6 +74,8 @@ def _fmt(v: float) -> str:
         return "–"
     if math.isinf(v):
         return "inf"
+    if v == 0:
+        return "0"
     return f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.2e}"
 
 
@@ -356,12 +358,12 @@ def plot_fid(rows: Sequence[Any], path: Path, floor: dict[str, float] | None, ha
                 ax.axhspan(max(floor["fid"] - half, 1e-12), floor["fid"] + half, color="gray", alpha=0.12, lw=0)
             shown.append(floor["fid"])
         xs = [r.nfe for r in rows] if panel != "time" else None
-        xvals = [r.seconds_per_sample * 1e3 for r in rows] if panel == "time" else []
+        xvals = [r.seconds_per_sample * 1e3 for r in rows if math.isfinite(r.fid) and r.seconds_per_sample > 0] if panel == "time" else []
         _plain_log_axes(ax, shown, xs)
         if shown:
             ax.set_ylim(min(shown) / 1.1, max(shown) * 1.3)
         if panel == "time" and xvals:
-            ax.set_xlim(min(v for v in xvals if v > 0) / 1.3, max(xvals) * 1.3)
+            ax.set_xlim(min(xvals) / 1.3, max(xvals) * 1.3)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xlabel("NFE" if panel != "time" else "generation time per sample (ms)")
         ax.set_ylabel({"fd_ode": "FD to the exact-ODE samples", "fid": "FID", "time": "FID"}[panel])

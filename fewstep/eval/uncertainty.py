@@ -127,6 +127,14 @@ def resampled_moments(features: Any, counts: np.ndarray) -> tuple[np.ndarray, np
     return means_c + centre, covs
 
 
+def _scaled_rows(f: np.ndarray, c: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of a resample and ``A`` with ``A^T A`` its covariance: the rows ``sqrt(c_i) (f_i - m)
+    / sqrt(n - 1)`` of the samples the resample holds (``c_i > 0``)."""
+    keep = c > 0
+    m = c @ f / n
+    return m, np.sqrt(c[keep])[:, None] * (f[keep] - m) / np.sqrt(n - 1)
+
+
 def fd_replicates(
     features: Any, counts: np.ndarray, *, mu: Any = None, sigma: Any = None, paired_with: Any = None,
     max_bytes: int = 1 << 28,
@@ -134,10 +142,35 @@ def fd_replicates(
     """Fréchet distances of each resample ``(to_reference, to_paired)``: against fixed statistics
     ``(mu, sigma)`` (a reference set), and against ``paired_with``, features of the same sample
     indices resampled with the same counts (the model's exact-ODE samples from the same noises);
-    ``None`` for the one not asked.  Resamples are processed in chunks of at most ``max_bytes`` of
-    covariances, so 2048-d features fit in memory (the cost is ``O(B N D^2 + B D^3)``)."""
+    ``None`` for the one not asked.
+
+    With fewer samples than dimensions (Inception's 2048, DINOv2's 1024 at a few hundred samples)
+    the work moves to sample space: a resample's covariance is ``A^T A`` with ``A`` its ``n' x D``
+    centred, count-weighted rows, and ``tr((S_1 S_2)^{1/2})`` is the nuclear norm of ``A S_2^{1/2}``
+    (a fixed reference: ``S_2^{1/2}`` computed once) or of ``A B^T`` (paired: both resampled), the
+    identity :func:`fewstep.eval.frechet.trace_sqrt_product` uses, so each resample costs
+    ``O(n'^2 D)`` instead of ``O(D^3)``.  Otherwise resamples are processed in chunks of at most
+    ``max_bytes`` of ``D x D`` covariances."""
     f = np.asarray(features, dtype=np.float64)
-    d = f.shape[1]
+    n, d = f.shape
+    pf = np.asarray(paired_with, dtype=np.float64) if paired_with is not None else None
+    if n < d:
+        to_ref, to_pair = [], []
+        if mu is not None:
+            from fewstep.eval.frechet import _psd_sqrt
+
+            mu_r, sig_r = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+            root, tr_r = _psd_sqrt(sig_r), float(np.trace(sig_r))
+        for c in counts:
+            m, a = _scaled_rows(f, c, n)
+            if mu is not None:
+                nuc = np.linalg.svd(a @ root, compute_uv=False).sum()
+                to_ref.append(max(float((m - mu_r) @ (m - mu_r) + (a * a).sum() + tr_r - 2 * nuc), 0.0))
+            if pf is not None:
+                m2, b = _scaled_rows(pf, c, n)
+                nuc = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+                to_pair.append(max(float((m - m2) @ (m - m2) + (a * a).sum() + (b * b).sum() - 2 * nuc), 0.0))
+        return (np.array(to_ref) if mu is not None else None), (np.array(to_pair) if pf is not None else None)
     step = max(1, int(max_bytes // (8 * d * d)))
     to_ref, to_pair = [], []
     for lo in range(0, counts.shape[0], step):
@@ -145,9 +178,9 @@ def fd_replicates(
         m, s = resampled_moments(f, c)
         if mu is not None:
             to_ref.append(frechet_distances(m, s, np.asarray(mu, np.float64)[None], np.asarray(sigma, np.float64)[None]))
-        if paired_with is not None:
-            to_pair.append(frechet_distances(m, s, *resampled_moments(paired_with, c)))
-    return (np.concatenate(to_ref) if mu is not None else None), (np.concatenate(to_pair) if paired_with is not None else None)
+        if pf is not None:
+            to_pair.append(frechet_distances(m, s, *resampled_moments(pf, c)))
+    return (np.concatenate(to_ref) if mu is not None else None), (np.concatenate(to_pair) if pf is not None else None)
 
 
 def mmd_replicates(features: Any, reference: Any, counts: np.ndarray, kernel: Any = polynomial_kernel) -> np.ndarray:
