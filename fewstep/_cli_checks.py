@@ -297,10 +297,12 @@ def device(text: str | None, arg: str = "--device") -> str | None:
     raise UsageError(f"{arg} {text!r}: fewstep cannot run on {dev.type!r} devices; use cpu, cuda, cuda:N or mps")
 
 
-def image_folder(folder: Any, arg: str, *, same_size: bool, limit: int = 5) -> int:
+def image_folder(folder: Any, arg: str, *, same_size: bool, limit: int = 5, shape: tuple[int, int, int] | None = None,
+                 shape_reason: str = "") -> int:
     """Every image file under ``folder`` opens with PIL (header only; nothing is decoded); with
     ``same_size``, all share one size and channel count as :func:`fewstep._util.load_images`
-    needs.  Returns the number of images."""
+    needs; with ``shape`` (C, H, W), every image has it (``shape_reason`` says why).  Returns the
+    number of images."""
     from PIL import Image
 
     from fewstep._util import IMAGE_EXTENSIONS, image_files
@@ -332,6 +334,11 @@ def image_folder(folder: Any, arg: str, *, same_size: bool, limit: int = 5) -> i
         shown = ", ".join(f"{c}x{h}x{w} ({f.relative_to(p)})" for (c, h, w), f in list(shapes.items())[:limit])
         raise UsageError(f"{arg} {str(folder)!r}: the images differ in size or channels ({shown}); "
                          "resize / convert them to one size and mode first")
+    other = {k: f for k, f in shapes.items() if shape is not None and k != tuple(shape)}
+    if other:
+        shown = ", ".join(f"{c}x{h}x{w} ({f.relative_to(p)})" for (c, h, w), f in list(other.items())[:limit])
+        raise UsageError(f"{arg} {str(folder)!r}: {shape_reason} takes {'x'.join(map(str, shape))} images, found {shown}; "
+                         "use an extractor that resizes (inception, dinov2, clip) or resize the images")
     return len(files)
 
 

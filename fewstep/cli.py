@@ -68,7 +68,7 @@ def _check_pipeline_folder(spec: str, arg: str) -> None:
         raise UsageError(f"{arg} {spec!r}: {err}") from None
 
 
-def _check_reference(source: str, extractor_given: bool) -> None:
+def _check_reference(source: str, extractor_given: bool, digits_features: bool = False) -> None:
     """``--reference``: a digits split, a ``.npz`` of statistics (fewstep's, or a clean-fid / EDM
     ``{mu, sigma}`` file with ``--extractor`` given), a folder or ``.zip`` of readable images."""
     import zipfile
@@ -106,7 +106,8 @@ def _check_reference(source: str, extractor_given: bool) -> None:
             raise UsageError(f"--reference {source!r} holds a single image; reference statistics need at least 2")
         return
     if path.is_dir():
-        if check.image_folder(path, "--reference", same_size=False) < 2:
+        fixed = {"shape": (1, 8, 8), "shape_reason": "the digits extractor (the default --extractor)"} if digits_features else {}
+        if check.image_folder(path, "--reference", same_size=False, **fixed) < 2:
             raise UsageError(f"--reference {source!r} holds a single image; reference statistics need at least 2")
         return
     if path.exists():
@@ -170,7 +171,7 @@ def _check_report(args: argparse.Namespace) -> None:
         raise UsageError(f"--extractor {extractor!r}: unknown feature extractor{close_matches(key, EXTRACTOR_NAMES)}; use one of "
                          f"{', '.join(EXTRACTOR_NAMES)}, or module:callable for your own")
     if args.reference is not None:
-        _check_reference(args.reference, args.extractor is not None)
+        _check_reference(args.reference, args.extractor is not None, key == "digits")
     from fewstep.eval.extra_metrics import EXTRA_METRICS
 
     for m in args.metrics or ():

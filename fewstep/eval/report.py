@@ -201,9 +201,9 @@ def _plot_lines(ax, rows: Sequence[Any], key: str, x_key: str = "nfe", colors: M
     bottom = min(getattr(r, key) for r in ok) / 4
     shown: list[float] = [bottom]
     for s in dict.fromkeys(r.sampler for r in ok):
-        pts = sorted((getattr(r, x_key), getattr(r, key), getattr(r, f"{key}_lo", math.nan), getattr(r, f"{key}_hi", math.nan))
-                     for r in ok if r.sampler == s)
-        x, y, lo, hi = (np.array(v, dtype=float) for v in zip(*pts))
+        pts = sorted((r.nfe, getattr(r, x_key), getattr(r, key), getattr(r, f"{key}_lo", math.nan), getattr(r, f"{key}_hi", math.nan))
+                     for r in ok if r.sampler == s)  # joined in NFE order (on the time panel too)
+        _, x, y, lo, hi = (np.array(v, dtype=float) for v in zip(*pts))
         stochastic = any(r.stochastic for r in rows if r.sampler == s)
         kw = {"marker": "o", "ms": 3, "label": s, "ls": "--" if stochastic else "-", "capsize": 2, "lw": 1.2}
         if colors is not None:
@@ -218,8 +218,13 @@ def _plot_lines(ax, rows: Sequence[Any], key: str, x_key: str = "nfe", colors: M
 
 
 def _colors(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per sampler: the default cycle for up to 10, else matplotlib's tab20 and then its
+    darker tab20b (distinct up to 40 lines)."""
     plt = _pyplot()
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(names) <= 10:
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    else:
+        cycle = list(plt.get_cmap("tab20").colors) + list(plt.get_cmap("tab20b").colors)
     return {n: cycle[i % len(cycle)] for i, n in enumerate(names)}
 
 
@@ -337,7 +342,7 @@ def data_floor(reference: Any, extractor: Any, num_samples: int, seed: int = 0, 
     return {"n": n, "fid": fid_n, "fid_se": se, "kid": kid_n, "n_all": len(train), "fid_all": fid_all, "kid_all": kid_all}
 
 
-def plot_fid(rows: Sequence[Any], path: Path, floor: dict[str, float] | None, has_ode: bool) -> None:
+def plot_fid(rows: Sequence[Any], path: Path, floor: dict[str, float] | None, has_ode: bool = False) -> None:
     """FD to the exact-ODE samples vs NFE (when measured), FID vs NFE and FID vs generation time,
     with 95 % error bars and one legend for all panels; the data floor (with its interval as a
     band) only on the FID panels, which it bounds."""
@@ -347,8 +352,8 @@ def plot_fid(rows: Sequence[Any], path: Path, floor: dict[str, float] | None, ha
     panels = (["fd_ode"] if has_ode else []) + ["fid", "time"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        if panel == "time":
-            shown = _plot_lines(ax, [_ms(r) for r in rows], "fid", x_key="ms", colors=colors)
+        if panel == "time":  # no error bars here: they are on the FID panel, and would hide the times
+            shown = _plot_lines(ax, [_ms(r, bars=False) for r in rows], "fid", x_key="ms", colors=colors)
         else:
             shown = _plot_lines(ax, rows, panel, colors=colors)
         if panel != "fd_ode" and floor:
@@ -381,10 +386,11 @@ def plot_fid(rows: Sequence[Any], path: Path, floor: dict[str, float] | None, ha
     plt.close(fig)
 
 
-def _ms(r: Any) -> SimpleNamespace:
+def _ms(r: Any, bars: bool = True) -> SimpleNamespace:
     """A row with its generation time per sample in milliseconds (``ms``), for tables and plots."""
-    return SimpleNamespace(sampler=r.sampler, nfe=r.nfe, fid=r.fid, fid_lo=getattr(r, "fid_lo", math.nan),
-                           fid_hi=getattr(r, "fid_hi", math.nan), stochastic=r.stochastic, ms=r.seconds_per_sample * 1e3)
+    lo, hi = (getattr(r, "fid_lo", math.nan), getattr(r, "fid_hi", math.nan)) if bars else (math.nan, math.nan)
+    return SimpleNamespace(sampler=r.sampler, nfe=r.nfe, fid=r.fid, fid_lo=lo, fid_hi=hi, stochastic=r.stochastic,
+                           ms=r.seconds_per_sample * 1e3)
 
 
 def save_sample_grid(rows: Sequence[tuple[str, torch.Tensor]], path: Path, title: str) -> None:
