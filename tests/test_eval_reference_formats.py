@@ -91,9 +91,9 @@ def test_a_foreign_reference_in_the_fid_study_has_no_kid(tmp_path, cleanfid_here
     ext = InceptionFeatures("clean", standin_dir)
     ref = reference_stats(stats_dir / "fewstepgrey_clean_custom_na.npz", ext, foreign=True)
     table = fid_per_nfe(digits_mixture.denoiser(ddpm_schedule), shape=(1, 8, 8), samplers=["ddim"], nfes=[4], reference=ref,
-                        extractor=ext, num_samples=16, batch_size=16, progress=False, bootstrap=20, model_id="mixture")
-    row = table.rows[0]
-    assert math.isfinite(row.fid) and row.fid_lo <= row.fid <= row.fid_hi and math.isnan(row.kid) and math.isnan(row.kid_se)
+                        extractor=ext, num_samples=16, batch_size=16, progress=False, bootstrap=0, model_id="mixture")
+    row = table.rows[0]  # (no bootstrap: 2048-d resamples are what tests/test_eval_uncertainty.py checks at small D)
+    assert math.isfinite(row.fid) and math.isnan(row.kid) and math.isnan(row.kid_se) and math.isnan(row.fid_se)
     assert table.reference["has_features"] is False
     with pytest.raises(ValueError, match="precision_recall needs the reference's features"):
         fid_per_nfe(digits_mixture.denoiser(ddpm_schedule), shape=(1, 8, 8), samplers=["ddim"], nfes=[4], reference=ref,

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from fewstep.eval.features import _check_images, folder_digest, load_transformers_vision, to_uint8
+from fewstep.eval.features import TransformersFeatures
 
 __all__ = ["ClipFeatures", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
@@ -30,7 +30,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipFeatures:
+class ClipFeatures(TransformersFeatures):
     """Unit-norm CLIP image embeddings (module docstring).
 
     Args:
@@ -38,12 +38,10 @@ class ClipFeatures:
         device, batch_size: where and in what batches the network runs.
     """
 
+    kind, cls_name = "clip", "CLIPVisionModelWithProjection"
+
     def __init__(self, path: str | os.PathLike | None = None, device: torch.device | str | None = None, batch_size: int = 32):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.model, self.path = load_transformers_vision("clip", "CLIPVisionModelWithProjection", path, device)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.batch_size = int(batch_size)
+        super().__init__(path, device, batch_size)
         self.size = int(self.model.config.image_size)
         self.dim = int(self.model.config.projection_dim)
         mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -53,27 +51,12 @@ class ClipFeatures:
             mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.name = f"clip-{folder_digest(self.path)}"
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] to the network's normalised input (steps 1-3)."""
-        x = _check_images(images, "ClipFeatures")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[1] != 3:
-            raise ValueError(f"ClipFeatures takes grey or RGB images (C = 1 or 3), got C = {x.shape[1]}")
-        u = to_uint8(x.cpu()).to(torch.float32) / 255
-        u = torch.nn.functional.interpolate(u, size=(self.size, self.size), mode="bicubic")
+    def preprocess(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB images to the network's normalised input (steps 1-3)."""
+        u = torch.nn.functional.interpolate(u8.to(torch.float32) / 255, size=(self.size, self.size), mode="bicubic")
         return (u - self._mean) / self._std
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        feats = []
-        with torch.no_grad():
-            for i in range(0, images.shape[0], self.batch_size):
-                x = self.preprocess(images[i : i + self.batch_size]).to(self.device)
-                e = self.model(pixel_values=x).image_embeds.float()
-                feats.append((e / e.norm(dim=-1, keepdim=True)).cpu())
-        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
-
-    def __repr__(self) -> str:
-        return f"ClipFeatures(path='{self.path}', dim={self.dim})"
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.model(pixel_values=x).image_embeds
+        return e / e.norm(dim=-1, keepdim=True)

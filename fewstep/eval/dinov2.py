@@ -24,14 +24,13 @@ dgm-eval, whose numbers the DINOv2 FD literature reports.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 import torch
 
-from fewstep.eval.features import _check_images, folder_digest, load_transformers_vision, to_uint8
+from fewstep.eval.features import TransformersFeatures
 
-__all__ = ["DinoV2Features", "IMAGENET_MEAN", "IMAGENET_STD", "DINOV2_SIZE"]
+__all__ = ["DinoV2Features", "IMAGENET_MEAN", "IMAGENET_STD", "DINOV2_SIZE", "pil_bicubic"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,7 +49,7 @@ def pil_bicubic(u8: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack(out).permute(0, 3, 1, 2).to(torch.float32) / 255
 
 
-class DinoV2Features:
+class DinoV2Features(TransformersFeatures):
     """DINOv2 class-token features with dgm-eval's preprocessing (module docstring).
 
     Args:
@@ -58,33 +57,17 @@ class DinoV2Features:
         device, batch_size: where and in what batches the network runs.
     """
 
+    kind, cls_name = "dinov2", "Dinov2Model"
+
     def __init__(self, path: str | os.PathLike | None = None, device: torch.device | str | None = None, batch_size: int = 64):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.model, self.path = load_transformers_vision("dinov2", "Dinov2Model", path, device)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.batch_size = int(batch_size)
+        super().__init__(path, device, batch_size)
         self.dim = int(self.model.config.hidden_size)
-        self.name = f"dinov2-{folder_digest(self.path)}"
         self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] to the network's normalised 224 x 224 input (steps 1-3)."""
-        x = _check_images(images, "DinoV2Features")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[1] != 3:
-            raise ValueError(f"DinoV2Features takes grey or RGB images (C = 1 or 3), got C = {x.shape[1]}")
-        return (pil_bicubic(to_uint8(x.cpu()), DINOV2_SIZE) - self._mean) / self._std
+    def preprocess(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB images to the network's normalised 224 x 224 input (steps 2-3)."""
+        return (pil_bicubic(u8, DINOV2_SIZE) - self._mean) / self._std
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        feats = []
-        with torch.no_grad():
-            for i in range(0, images.shape[0], self.batch_size):
-                x = self.preprocess(images[i : i + self.batch_size]).to(self.device)
-                feats.append(self.model(pixel_values=x).pooler_output.float().cpu())
-        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
-
-    def __repr__(self) -> str:
-        return f"DinoV2Features(path='{self.path}', dim={self.dim})"
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).pooler_output

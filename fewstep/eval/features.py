@@ -53,6 +53,8 @@ __all__ = [
     "InceptionFeatures",
     "InceptionWeightsMissing",
     "WeightsMissing",
+    "TransformersFeatures",
+    "rgb_uint8",
     "find_weights_folder",
     "WEIGHTS_ENV",
     "CallableFeatures",
@@ -98,6 +100,17 @@ def _check_images(images: Any, who: str) -> torch.Tensor:
             f"{who} takes float images of shape (N, C, H, W) in [-1, 1], got {images.dtype} of shape {tuple(images.shape)}"
         )
     return images
+
+
+def rgb_uint8(images: Any, who: str) -> torch.Tensor:
+    """Float images (N, 1 or 3, H, W) in [-1, 1] to uint8 RGB (N, 3, H, W) on the CPU: grey is
+    repeated to three channels (PIL's ``convert("RGB")``), values quantised as saving would."""
+    x = _check_images(images, who)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ValueError(f"{who} takes grey or RGB images (C = 1 or 3), got C = {x.shape[1]}")
+    return to_uint8(x.cpu())
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -252,25 +265,49 @@ def find_weights_folder(kind: str, path: str | os.PathLike | None = None) -> Pat
     )
 
 
-def load_transformers_vision(kind: str, cls_name: str, path: str | os.PathLike | None, device: Any) -> tuple[Any, Path]:
-    """``transformers.<cls_name>`` from the local folder of :func:`find_weights_folder`
-    (``local_files_only``, safetensors only), in eval mode without gradients."""
-    folder = find_weights_folder(kind, path)
-    try:
-        import transformers
-    except ImportError as err:
-        raise ImportError(f"the {kind} extractor needs transformers: pip install 'fewstep[features]' ({err})") from None
-    cls = getattr(transformers, cls_name)
-    model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-    return model.eval().requires_grad_(False).to(device if device is not None else "cpu"), folder
+class TransformersFeatures:
+    """The part the ``transformers``-based extractors share: the network ``transformers.<cls_name>``
+    from the local folder of :func:`find_weights_folder` (``local_files_only``, safetensors only;
+    eval mode, no gradients), a cache key ``<kind>-<digest of config and weights>``, and batched
+    calls of :meth:`forward` on :meth:`preprocess`'d uint8 RGB images.  Subclasses set ``kind``,
+    ``cls_name`` and ``dim`` and write the two methods."""
 
+    kind = ""
+    cls_name = ""
 
-def folder_digest(folder: Path) -> str:
-    """A short digest of a weight folder's config and safetensors files (the extractor's cache key)."""
-    h = hashlib.sha256()
-    for p in sorted([folder / "config.json", *folder.glob("*.safetensors")]):
-        h.update(p.name.encode() + b"\0" + _sha256(p, 64).encode())
-    return h.hexdigest()[:12]
+    def __init__(self, path: str | os.PathLike | None = None, device: torch.device | str | None = None, batch_size: int = 32):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.path = find_weights_folder(self.kind, path)
+        try:
+            import transformers
+        except ImportError as err:
+            raise ImportError(f"the {self.kind} extractor needs transformers: pip install 'fewstep[features]' ({err})") from None
+        model = getattr(transformers, self.cls_name).from_pretrained(str(self.path), local_files_only=True, use_safetensors=True)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.batch_size = int(batch_size)
+        h = hashlib.sha256()
+        for p in sorted([self.path / "config.json", *self.path.glob("*.safetensors")]):
+            h.update(p.name.encode() + b"\0" + _sha256(p, 64).encode())
+        self.name = f"{self.kind}-{h.hexdigest()[:12]}"
+
+    def preprocess(self, u8: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        u8 = rgb_uint8(images, type(self).__name__)
+        feats = []
+        with torch.no_grad():
+            for i in range(0, u8.shape[0], self.batch_size):
+                feats.append(self.forward(self.preprocess(u8[i : i + self.batch_size]).to(self.device)).float().cpu())
+        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path='{self.path}', dim={self.dim})"
 
 
 def cleanfid_inception_location() -> Path:
@@ -377,12 +414,7 @@ class InceptionFeatures:
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = _check_images(images, "InceptionFeatures")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[1] != 3:
-            raise ValueError(f"InceptionFeatures takes grey or RGB images (C = 1 or 3), got C = {x.shape[1]}")
-        u8 = to_uint8(x.cpu())
+        u8 = rgb_uint8(images, "InceptionFeatures")
         feats = []
         with torch.no_grad():
             for i in range(0, u8.shape[0], self.batch_size):

@@ -135,6 +135,13 @@ def difference_table(rows: Sequence[Any], comparisons: Mapping[int, Any], scale:
     return "\n".join(lines)
 
 
+def _metric_block(rows: Sequence[Any], key: str, comparisons: Mapping[str, Mapping[int, Any]]) -> list[str]:
+    """A metric's table, the paired differences to each column's lowest cell, and the findings."""
+    comps = comparisons.get(key, {})
+    return [markdown_table(rows, key, comparisons=comps), "", "Paired difference to the column's lowest cell:", "",
+            difference_table(rows, comps), "", *[f"- {line}" for line in findings(comps)], ""]
+
+
 def findings(comparisons: Mapping[int, Any]) -> list[str]:
     """One sentence per NFE: which sampler is significantly lowest, or which cannot be told from
     the lowest (paired 95 % intervals)."""
@@ -462,14 +469,7 @@ def fid_section(table: Any, meta: dict[str, Any], out_dir: Path, reference_image
             f"from the same noises (`{ode['sampler']}` at {ode['nfe']} NFE): it measures the sampler alone, with no "
             "sampling floor (an exact solver scores 0 at any sample count) and without the model's own error.",
             "",
-            markdown_table(rows, "fd_ode", comparisons=comps.get("fd_ode")),
-            "",
-            "Paired difference to the column's lowest cell:",
-            "",
-            difference_table(rows, comps.get("fd_ode", {})),
-            "",
-            *[f"- {line}" for line in findings(comps.get("fd_ode", {}))],
-            "",
+            *_metric_block(rows, "fd_ode", comps),
         ]
     elif ode is not None and ode.get("error"):
         md += [f"The exact-ODE reference ({ode['sampler']} at {ode['nfe']} NFE) failed: {ode['error']}", ""]
@@ -484,16 +484,7 @@ def fid_section(table: Any, meta: dict[str, Any], out_dir: Path, reference_image
             "would score the floor at this sample count.",
             "",
         ]
-    md += [
-        markdown_table(rows, "fid", comparisons=comps.get("fid")),
-        "",
-        "Paired difference to the column's lowest cell:",
-        "",
-        difference_table(rows, comps.get("fid", {})),
-        "",
-        *[f"- {line}" for line in findings(comps.get("fid", {}))],
-        "",
-    ]
+    md += _metric_block(rows, "fid", comps)
     if meta["reference"].get("has_features", True):
         md += [
             "### KID x 1e3 (unbiased: 0 for the data distribution)",
