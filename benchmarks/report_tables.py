@@ -90,6 +90,20 @@ def seed_study(rows_by_seed: dict[int, list[dict]]) -> list[str]:
                     ratios[m].append(float(np.std(vals, ddof=1) / np.mean(ses)))
         out.append("")
     out += [f"Columns where every seed bolds the same cell (or none): {agree} of {total}; contradictions: {contradictions}.", ""]
+    out += ["The lowest cell of each column per seed (bold or not), and the samplers significantly above the lowest at "
+            "*every* seed (the conclusions that hold whatever the seed):", ""]
+    for m, label in METRICS:
+        out += [f"**{label}**", "", "| NFE | lowest at seeds " + ", ".join(map(str, seeds)) + " | significantly above the lowest at every seed |",
+                "|---:|---|---|"]
+        for n in nfes:
+            lows, worse = [], None
+            for s in seeds:
+                col = [r for r in rows_by_seed[s] if r["nfe"] == n and math.isfinite(r[m])]
+                lows.append(min(col, key=lambda r: r[m])["sampler"] if col else "-")
+                w = {r["sampler"] for r in col if r.get(f"{m}_vs_best_lo", math.nan) > 0}
+                worse = w if worse is None else worse & w
+            out.append(f"| {n} | {', '.join(lows)} | {', '.join(sorted(worse or [])) or '-'} |")
+        out.append("")
     out += ["Spread over the seeds against the bootstrap standard error (per cell: standard deviation of the "
             f"{len(seeds)} seeds' values / mean of their bootstrap SEs; median and range over the cells):", ""]
     for m, label in METRICS:
@@ -112,7 +126,9 @@ def main() -> None:
     load = os.getloadavg()[0]
     wall, cpu = run(fewstep_cmd + ["--out", str(work / "seed0")])
     md0 = (work / "seed0" / "report.md").read_text()
-    rows = {0: json.loads((work / "seed0" / "fid_per_nfe.json").read_text())["rows"]}
+    meta0 = json.loads((work / "seed0" / "fid_per_nfe.json").read_text())
+    rows = {0: meta0["rows"]}
+    resumed = meta0["meta"]["generated"] < len(rows[0]) * meta0["meta"]["num_samples"]
     for s in seeds:
         if s == 0:
             continue
@@ -134,7 +150,8 @@ def main() -> None:
         f"`python benchmarks/report_tables.py` — {time.strftime('%Y-%m-%d')}, CPU ({platform.machine()}, "
         f"{os.cpu_count()} cores, load average {load:.1f} at the start: shared with other jobs), fewstep "
         f"{fewstep.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, numpy {np.__version__}. "
-        f"Step 1 is `fewstep report` with no arguments: {wall:.0f} s wall, {cpu:.0f} s CPU.",
+        f"Step 1 is `fewstep report` with no arguments: {wall:.0f} s wall, {cpu:.0f} s CPU"
+        + (" (resumed from its run folder, so not a timing of a fresh run)." if resumed else "."),
         "",
         "### The default report (seed 0)",
         "",

@@ -223,7 +223,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     _check_report(args)
     from fewstep.eval.ode_reference import REPORT_ODE
     from fewstep.eval.report import run_report
-    from fewstep.eval.uncertainty import DEFAULT_REPLICATES
 
     out = Path(args.out)
     run_dir = None if args.no_fid else Path(args.run_dir) if args.run_dir is not None else out / "fid_run"
@@ -248,7 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         fid=not args.no_fid,
         exact=not args.no_exact,
         ode_reference=None if args.no_ode else (args.ode_reference or REPORT_ODE),
-        bootstrap=DEFAULT_REPLICATES if args.bootstrap is None else args.bootstrap,
+        bootstrap=args.bootstrap,
         retry_errors=args.retry_errors,
         extra_metrics=tuple(args.metrics or ()),
         foreign_reference=args.extractor is not None,
@@ -400,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SAMPLER:NFE of the model's exact-ODE samples behind the headline FD (default: dpmpp_3m:100)")
     r.add_argument("--no-ode", action="store_true", help="no exact-ODE reference (FID and KID to the reference only)")
     r.add_argument("--bootstrap", type=check.nonnegative_int, default=None,
-                   help="bootstrap resamples behind every interval, 0 for none (default: 200)")
+                   help="bootstrap resamples behind every interval, 0 for none (default: 200 for the FID study, 100 for "
+                        "the exact study)")
     r.add_argument("--metrics", type=check.name_list, default=None,
                    help="extra metrics, comma-separated: precision_recall, inception_score, cmmd")
     r.add_argument("--retry-errors", action="store_true", help="run the cells that recorded an error again (same run folder)")

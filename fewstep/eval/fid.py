@@ -90,6 +90,7 @@ from fewstep.eval.uncertainty import (
     fd_replicates,
     interval,
     mmd_replicates,
+    resampled_moments,
 )
 from fewstep.samplers.core import NonFiniteError, model_schedule, prepare
 
@@ -671,6 +672,7 @@ def fid_per_nfe(
             if ode_cell not in errors:
                 ode_feats = _cell_features(run / "cells" / cells[ode_cell], dim, num_samples)[0]
         ref_feats = reference.features
+        ode_moments = None
         rows, reps = [], {m: {} for m, _ in METRICS}
         for name, nfe in grid:
             stoch = stochastic.get((name, nfe), fewstep.spec(name).stochastic)
@@ -689,7 +691,10 @@ def fid_per_nfe(
             row = FidRow(name, nfe, values["fid"], values["kid"], kid_std, num_samples, seconds / num_samples, stoch,
                          fd_ode=values["fd_ode"], extra=extra_metric_values(extra_metrics, feats, ref_feats, ext))
             if counts is not None:
-                r_fid, r_ode = fd_replicates(feats, counts, mu=reference.mu, sigma=reference.sigma, paired_with=ode_feats)
+                if ode_feats is not None and ode_moments is None and ode_feats.shape[0] >= ode_feats.shape[1]:
+                    ode_moments = resampled_moments(ode_feats, counts)  # once for every cell
+                r_fid, r_ode = fd_replicates(feats, counts, mu=reference.mu, sigma=reference.sigma, paired_with=ode_feats,
+                                             paired_moments=ode_moments)
                 kernel_ok = ref_feats is not None and max(num_samples, len(ref_feats)) <= MAX_KERNEL_SAMPLES
                 cell_reps = {"fid": r_fid, "fd_ode": r_ode, "kid": mmd_replicates(feats, ref_feats, counts) if kernel_ok else None}
                 if ref_feats is not None and not kernel_ok and math.isfinite(values["kid"]):

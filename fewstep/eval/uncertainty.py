@@ -40,7 +40,7 @@ from typing import Any, Hashable
 import numpy as np
 
 from fewstep._util import derived_seed
-from fewstep.eval.frechet import frechet_distances
+from fewstep.eval.frechet import _psd_sqrt
 from fewstep.eval.kid import polynomial_kernel
 
 __all__ = [
@@ -137,12 +137,13 @@ def _scaled_rows(f: np.ndarray, c: np.ndarray, n: int) -> tuple[np.ndarray, np.n
 
 def fd_replicates(
     features: Any, counts: np.ndarray, *, mu: Any = None, sigma: Any = None, paired_with: Any = None,
-    max_bytes: int = 1 << 28,
+    paired_moments: tuple[np.ndarray, np.ndarray] | None = None, max_bytes: int = 1 << 28,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Fréchet distances of each resample ``(to_reference, to_paired)``: against fixed statistics
     ``(mu, sigma)`` (a reference set), and against ``paired_with``, features of the same sample
     indices resampled with the same counts (the model's exact-ODE samples from the same noises);
-    ``None`` for the one not asked.
+    ``None`` for the one not asked.  ``paired_moments``: ``resampled_moments(paired_with, counts)``
+    computed once for many cells (used where there are more samples than dimensions).
 
     With fewer samples than dimensions (Inception's 2048, DINOv2's 1024 at a few hundred samples)
     the work moves to sample space: a resample's covariance is ``A^T A`` with ``A`` its ``n' x D``
@@ -150,15 +151,14 @@ def fd_replicates(
     (a fixed reference: ``S_2^{1/2}`` computed once) or of ``A B^T`` (paired: both resampled), the
     identity :func:`fewstep.eval.frechet.trace_sqrt_product` uses, so each resample costs
     ``O(n'^2 D)`` instead of ``O(D^3)``.  Otherwise resamples are processed in chunks of at most
-    ``max_bytes`` of ``D x D`` covariances."""
+    ``max_bytes`` of ``D x D`` covariances, the trace from the eigenvalues of ``R S R``
+    (``R = S_ref^{1/2}``, once) or of ``S^{1/2} S_2 S^{1/2}`` (:func:`_trace_sqrt_eigvals`)."""
     f = np.asarray(features, dtype=np.float64)
     n, d = f.shape
     pf = np.asarray(paired_with, dtype=np.float64) if paired_with is not None else None
     if n < d:
         to_ref, to_pair = [], []
         if mu is not None:
-            from fewstep.eval.frechet import _psd_sqrt
-
             mu_r, sig_r = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
             root, tr_r = _psd_sqrt(sig_r), float(np.trace(sig_r))
         for c in counts:
@@ -173,14 +173,36 @@ def fd_replicates(
         return (np.array(to_ref) if mu is not None else None), (np.array(to_pair) if pf is not None else None)
     step = max(1, int(max_bytes // (8 * d * d)))
     to_ref, to_pair = [], []
+    if mu is not None:
+        mu_r, sig_r = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+        root, tr_r = _psd_sqrt(sig_r), float(np.trace(sig_r))
     for lo in range(0, counts.shape[0], step):
         c = counts[lo : lo + step]
         m, s = resampled_moments(f, c)
+        tr_s = np.trace(s, axis1=-2, axis2=-1)
         if mu is not None:
-            to_ref.append(frechet_distances(m, s, np.asarray(mu, np.float64)[None], np.asarray(sigma, np.float64)[None]))
+            diff = m - mu_r
+            to_ref.append(np.maximum((diff * diff).sum(-1) + tr_s + tr_r - 2 * _trace_sqrt_eigvals(root @ s @ root), 0.0))
         if pf is not None:
-            to_pair.append(frechet_distances(m, s, *resampled_moments(pf, c)))
+            m2, s2 = (paired_moments[0][lo : lo + step], paired_moments[1][lo : lo + step]) if paired_moments is not None \
+                else resampled_moments(pf, c)
+            a = _psd_sqrt(s)
+            diff = m - m2
+            tr2 = np.trace(s2, axis1=-2, axis2=-1)
+            to_pair.append(np.maximum((diff * diff).sum(-1) + tr_s + tr2 - 2 * _trace_sqrt_eigvals(a @ s2 @ a), 0.0))
     return (np.concatenate(to_ref) if mu is not None else None), (np.concatenate(to_pair) if pf is not None else None)
+
+
+def _trace_sqrt_eigvals(m: np.ndarray) -> np.ndarray:
+    """``tr(M^{1/2})`` of symmetric PSD matrices ``(..., D, D)`` from their eigenvalues alone
+    (``eigvalsh``; eigenvalues within rounding of zero set to zero).  For resamples only: with one
+    factor's square root fixed or computed once, this is one value-only decomposition per resample
+    instead of the two eigendecompositions and one SVD of
+    :func:`fewstep.eval.frechet.trace_sqrt_product`; the eigenvalues of ``S^{1/2} S_2 S^{1/2}`` lose
+    accuracy only near zero, where the tolerance below zeroes them."""
+    w = np.linalg.eigvalsh((m + np.swapaxes(m, -1, -2)) / 2)
+    tol = m.shape[-1] * np.finfo(np.float64).eps * np.maximum(w.max(axis=-1, keepdims=True), 0.0)
+    return np.sqrt(np.where(w > tol, w, 0.0)).sum(axis=-1)
 
 
 def mmd_replicates(features: Any, reference: Any, counts: np.ndarray, kernel: Any = polynomial_kernel) -> np.ndarray:
