@@ -24,7 +24,7 @@ import torch
 
 from fewstep._util import close_matches
 from fewstep.models.prediction import time_tensor
-from fewstep.schedules import NoiseSchedule, Spacing, default_spacing, time_grid
+from fewstep.schedules import GridRule, NoiseSchedule, Spacing, default_spacing, time_grid
 from fewstep.samplers.registry import SamplerSpec, spec
 
 __all__ = ["Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "check_state", "NonFiniteError", "UnguidedWarning", "SampleInfo", "MAX_NFE"]
@@ -130,10 +130,20 @@ class Setup:
     def points(self, times: Sequence[float] | torch.Tensor) -> list[Point]:
         return points(self.schedule, times)
 
+    @property
+    def explicit_grid(self) -> torch.Tensor | None:
+        """The caller's grid when ``spacing`` is a list of times (it fixes the steps), else ``None``
+        (a spacing name or a :class:`~fewstep.schedules.GridRule` lets the budget choose them)."""
+        if self.spacing is None or isinstance(self.spacing, (str, GridRule)):
+            return None
+        return torch.as_tensor(self.spacing, dtype=torch.float64).flatten()
+
     def ends_on_data(self) -> bool:
         """Whether the grid will finish on clean data (``sigma = 0``)."""
-        if self.spacing is not None and not isinstance(self.spacing, str):
-            last = float(torch.as_tensor(self.spacing, dtype=torch.float64).flatten()[-1])
+        if isinstance(self.spacing, GridRule):
+            last = self.spacing.end_time
+        elif self.explicit_grid is not None:
+            last = float(self.explicit_grid[-1])
         else:
             last = self.schedule.t_zero if self.end == "zero" else self.schedule.t_min
         return self.schedule.sigma(last) == 0.0

@@ -74,9 +74,10 @@ def _zero_snr(setup: Setup, t: float) -> bool:
 )
 def build_heun(setup: Setup) -> Program:
     to_data = setup.ends_on_data()
-    if setup.spacing is not None and not isinstance(setup.spacing, str):
-        n_steps = len(setup.spacing) - 1
-        euler_first = 1 if _zero_snr(setup, setup.spacing[0]) else 0
+    explicit = setup.explicit_grid
+    if explicit is not None:
+        n_steps = len(explicit) - 1
+        euler_first = 1 if _zero_snr(setup, float(explicit[0])) else 0
         needed = euler_first + 2 * (n_steps - euler_first - to_data) + to_data
         if setup.nfe != needed:
             raise ValueError(
