@@ -41,6 +41,9 @@ VARIANTS = {
     "slct -diffusion": ("slct", {"without": ["diffusion"]}),
     "slct -ot": ("slct", {"without": ["ot"]}),
     "slct -adaptive_c": ("slct", {"without": ["adaptive_c"]}),
+    # the robust loss's scale c_0 (default 0.00054 sqrt(64) = 0.0043), 10x and 100x
+    "slct c0=0.043": ("slct", {"loss_c": 0.0432}),
+    "slct c0=0.43": ("slct", {"loss_c": 0.432}),
 }
 
 
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         kind, opts = VARIANTS[name]
         results[name] = []
         for seed in args.seeds:
-            obj = SLCT.without(opts.get("without", ())) if kind == "slct" else ICT(**opts)
+            extra = {k: v for k, v in opts.items() if k != "without"}
+            obj = SLCT.without(opts.get("without", ()), **extra) if kind == "slct" else ICT(**opts)
             curve = []
 
             def score(student, step, obj=obj, curve=curve):
