@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicates", type=int, default=200)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.set_verbosity_error()  # the float32-modules note of every load
     from fewstep.distill.export import load_student
     from fewstep.distill.validate import sample_consistency
     from fewstep.eval.features import digits_features
