@@ -66,17 +66,27 @@ def test_assigned_noise_stays_standard_normal(objective, digits_mixture, ddpm_sc
     OT coupling): over 1500 batches of 16 the noise given to item 0 passes a Kolmogorov-Smirnov test
     against N(0, 1) in each of 3 coordinates (p > 0.001) and its mean / variance over all 64
     coordinates are 0 / 1 within 5 standard errors, while it is clearly coupled to its data
-    (mean <x_0, eps_0> > 0 by more than 10 standard errors; 0 for independent noise)."""
+    (mean <x_0, eps_0> > 0 by more than 10 standard errors; 0 for independent noise), and on the
+    first 50 batches the assigned noises are the samples' own noises permuted, with a total pair
+    distance (the objective's cost: L2 / squared L2) never above, and on average more than 2% below,
+    that of the unassigned pairing."""
     obj = objective()
     obj.bind(ddpm_schedule, (64,), 100)
     data = MixtureData(digits_mixture)
-    first, dots = [], []
+    first, dots, gain = [], [], []
+    cost = obj.noise_assignment.cost
     for step in range(1500):
         gens = sample_generators(5, step, range(16))
         x, _ = data.sample(gens, "cpu")
         eps = obj.draw_noise(Batch(x, {}, gens, step))
         first.append(eps[0])
         dots.append(float(x[0] @ eps[0]))
+        if step < 50:  # the pair distance under the objective's own cost, against the same noises unassigned
+            again = sample_generators(5, step, range(16))
+            data.sample(again, "cpu")
+            own = randn(again, (64,))
+            assert torch.equal(torch.sort(eps, 0).values, torch.sort(own, 0).values)  # the same noises, permuted
+            gain.append(1 - _total(x, eps, cost) / _total(x, own, cost))
     e = torch.stack(first).double().numpy()
     for j in (0, 17, 63):
         assert stats.kstest(e[:, j], "norm").pvalue > 1e-3, j
@@ -84,6 +94,7 @@ def test_assigned_noise_stays_standard_normal(objective, digits_mixture, ddpm_sc
     assert abs(e.mean()) < 5 / np.sqrt(n) and abs(e.var() - 1) < 5 * np.sqrt(2 / n), (e.mean(), e.var())
     dots = np.array(dots)
     assert dots.mean() > 10 * dots.std() / np.sqrt(len(dots)), (dots.mean(), dots.std())
+    assert min(gain) >= 0 and np.mean(gain) > 0.02, (min(gain), np.mean(gain))
 
 
 def test_draw_noise_permutes_the_samples_own_noise_and_is_deterministic(digits_mixture, ddpm_schedule):
