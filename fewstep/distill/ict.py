@@ -40,7 +40,9 @@ __all__ = ["ICT"]
 
 
 class ICT(ConsistencyObjective):
-    """Improved consistency training (no teacher); ``target_ema`` is fixed at 0."""
+    """Improved consistency training (no teacher); ``target_ema`` is fixed at 0.
+    ``noise_assignment``: immiscible noise assignment of each micro-batch
+    (:mod:`fewstep.distill.immiscible`; ``None``: independent noise, the paper's)."""
 
     name = "ict"
     paper = "Song & Dhariwal 2023, Improved Techniques for Training Consistency Models"
