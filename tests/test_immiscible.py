@@ -37,7 +37,7 @@ def test_assignment_is_the_optimal_permutation_by_brute_force(cost):
         assert _total(x, eps[perm], cost) == pytest.approx(best, rel=1e-9)
 
 
-def test_assignment_lowers_total_distance_against_random_pairing(digits_mixture):
+def test_assignment_lowers_total_distance_against_random_pairing(one_thread, digits_mixture):
     """64 digits-mixture items (64-d) and 64 standard normal noises: the exact assignment lowers
     the total L2 distance of independent (identity) pairing on each of 20 batches (measured: 8.5%
     on average, 8.0% at least; asserted > 5% each), the fp16 (quantised) costs give a total within
@@ -61,7 +61,7 @@ def test_assignment_lowers_total_distance_against_random_pairing(digits_mixture)
 
 
 @pytest.mark.parametrize("objective", [lambda: ICT(noise_assignment=True), lambda: SLCT()], ids=["ict-immiscible", "slct-ot"])
-def test_assigned_noise_stays_standard_normal(objective, digits_mixture, ddpm_schedule):
+def test_assigned_noise_stays_standard_normal(objective, one_thread, digits_mixture, ddpm_schedule):
     """Through the objective's own ``draw_noise`` (immiscible L2 cost for iCT, sLCT's squared-cost
     OT coupling): over 1500 batches of 16 the noise given to item 0 passes a Kolmogorov-Smirnov test
     against N(0, 1) in each of 3 coordinates (p > 0.001) and its mean / variance over all 64
