@@ -917,22 +917,32 @@ def _loglinear(levels: Sequence[float], m: int) -> np.ndarray:
 def _published_table(schedule: NoiseSchedule, n: int, name: str, t_start: float | None, end: str) -> torch.Tensor:
     """A published step table (:mod:`fewstep.step_tables`) on this schedule: ``n + 1`` levels, the
     last replaced by clean data for ``end="zero"`` (or pinned to ``t_min``)."""
-    from fewstep.step_tables import AYS, GITS_SD15
+    from fewstep.step_tables import AYS_SIGMAS, AYS_TIMESTEPS, GITS_SD15
 
     _check_full_run(schedule, name, t_start, "zero")
-    if name in AYS:
-        levels = _loglinear(AYS[name], n + 1)
+    if name in AYS_TIMESTEPS:
+        if not isinstance(schedule, VPDiscrete) or schedule.num_train_timesteps != 1000:
+            raise ValueError(f"spacing={name!r} is a list of training timesteps of a 1000-step VP model (Stable Diffusion); it does not apply to {schedule!r}")
+        table = [float(k_sigma(schedule, float(t))) for t in AYS_TIMESTEPS[name]]
+        levels = _loglinear(table, n + 1)
+    elif name in AYS_SIGMAS:
+        levels = _loglinear(AYS_SIGMAS[name], n + 1)
     else:
         if n < 2:
             raise ValueError("the GITS tables start at 2 steps")
         levels = np.asarray(GITS_SD15[n - 2]) if n <= 20 else _loglinear(GITS_SD15[-1], n + 1)
+    sd = name in AYS_TIMESTEPS  # the model's own levels: check it is Stable Diffusion's range
+    ref_hi, ref_lo = (14.6146, 0.029168) if sd else (levels[0], levels[-1])
     hi, lo = float(k_sigma(schedule, schedule.t_max)), float(k_sigma(schedule, schedule.t_min))
-    if not (math.isclose(levels[0], hi, rel_tol=1e-2) and math.isclose(levels[-1], lo, rel_tol=1e-2)):
+    if not (math.isclose(ref_hi, hi, rel_tol=1e-2) and math.isclose(ref_lo, lo, rel_tol=1e-2)):
         raise ValueError(
-            f"spacing={name!r} is a table for models with sigma from {levels[0]:.6g} to {levels[-1]:.6g}; this schedule "
+            f"spacing={name!r} is a table for models with sigma from {ref_hi:.6g} to {ref_lo:.6g}; this schedule "
             f"spans {hi:.6g} to {lo:.6g} (k-diffusion sigma), so the table does not apply to it"
         )
-    grid = time_of_k_sigma(schedule, torch.tensor(levels, dtype=torch.float64))
+    if name in AYS_TIMESTEPS and n + 1 == len(AYS_TIMESTEPS[name]):  # the published timesteps themselves
+        grid = torch.tensor(AYS_TIMESTEPS[name], dtype=torch.float64)
+    else:
+        grid = time_of_k_sigma(schedule, torch.tensor(levels, dtype=torch.float64))
     grid[0], grid[-1] = schedule.t_max, (schedule.t_zero if end == "zero" else schedule.t_min)
     return grid
 

@@ -6,12 +6,14 @@ maps them to a schedule's times (``spacing="ays_sd15"``, ...) and interpolates o
 log-linearly, the rule the tables' authors give.
 
 * **Align Your Steps** (Sabour, Fidler & Kreis 2024, "Align Your Steps: Optimizing Sampling
-  Schedules in Diffusion Models", ICML 2024): the 10-step schedules the authors publish for
-  Stable Diffusion 1.5, SDXL and Stable Video Diffusion, with their rule for other step counts
-  (interpolate ``log sigma`` linearly over the table's positions; NVIDIA's "Align Your Steps: how
-  to use" page, research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html).  diffusers ships
-  the same schedules rounded to 3 decimals as ``diffusers.schedulers.AysSchedules``
-  (tests/test_spacings.py compares).  Each table has 11 levels for 10 steps: the last one is the
+  Schedules in Diffusion Models", ICML 2024): the 10-step schedules the authors publish on NVIDIA's
+  "Align Your Steps: how to use" page (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html),
+  with their rule for other step counts (interpolate ``log sigma`` linearly over the table's
+  positions).  For Stable Diffusion 1.5 and SDXL the page gives the schedule as training timesteps
+  of the 1000-step model (``AYS_TIMESTEPS``, also in ``diffusers.schedulers.AysSchedules``); their
+  levels are the model's own sigmas there, which is what ComfyUI's AlignYourStepsScheduler uses (the
+  page's rounded sigma lists differ from those by up to 0.003).  Stable Video Diffusion's is a
+  list of EDM sigmas (``AYS_SIGMAS``).  Each table has 11 levels for 10 steps: the last one is the
   model's smallest training noise level, which a grid onto clean data replaces by ``sigma = 0``
   (as the authors' and ComfyUI's samplers do).
 * **GITS** (Chen, Zhou, Wang, Shen & Lyu 2024, "On the Trajectory Regularity of ODE-based
@@ -23,14 +25,15 @@ log-linearly, the rule the tables' authors give.
 
 from __future__ import annotations
 
-__all__ = ["AYS", "GITS_SD15"]
+__all__ = ["AYS_TIMESTEPS", "AYS_SIGMAS", "GITS_SD15"]
 
-# sigma levels for 10 steps (11 values; the last is the model's sigma_min)
-AYS: dict[str, tuple[float, ...]] = {
-    "ays_sd15": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
-                 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
-    "ays_sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
-                 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+# 10 steps, training timesteps of a 1000-step VP model (the last, 0, is its sigma_min)
+AYS_TIMESTEPS: dict[str, tuple[int, ...]] = {
+    "ays_sd15": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0),
+    "ays_sdxl": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0),
+}
+# 10 steps, EDM sigma levels (the last is sigma_min)
+AYS_SIGMAS: dict[str, tuple[float, ...]] = {
     "ays_svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
 }
 

@@ -198,7 +198,7 @@ def dpmpp_multistep_weights(
     d1 = a + (r0 / (r0 + r1)) * (a - b)
     d2 = (a - b) / (r0 + r1)
     w = c0 * np.array([1.0, 0.0, 0.0]) + c1 * d1 - 2.0 * d2_weight * c2 * d2
-    return c_x, [float(v) for v in w], 0.0
+    return c_x, [float(v) for v in w], c_z
 
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(48)

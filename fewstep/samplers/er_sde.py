@@ -102,7 +102,7 @@ def build_er_sde(setup: Setup) -> Program:
         ratio_g = g_t / g_s  # phi_t / phi_s = (rho_t / rho_s) (g_t / g_s)
         r = rho[i + 1] / rho[i] * ratio_g if math.isfinite(rho[i]) else 0.0
         w = [t.alpha * (1.0 - r), 0.0, 0.0]
-        stage = min(max_stage, i + 1 - start)
+        stage = max(1, min(max_stage, i + 1 - start))
         if stage >= 2:
             s1, s2 = er_integrals(name, rho[i + 1], rho[i], points)
             phi_t = rho[i + 1] * g_t

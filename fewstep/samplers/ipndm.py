@@ -11,12 +11,14 @@ i.e. ``x_{i+1} = (alpha_{i+1}/alpha_i) x_i + alpha_{i+1} (rho_{i+1} - rho_i) sum
   grid, the order rising with the history up to ``max_order`` (4).  On a grid whose steps vary the
   constant coefficients are consistent only to second order.
 * ``ipndm_v``: the variable-step coefficients of the diff-sampler authors (second order: exact
-  variable-step Adams-Bashforth; third and fourth: their closed forms, which reduce to the constant
-  ones on equal steps; :func:`ipndm_v_coefficients`).  Their fourth-order form is not the exact
-  variable-step Adams-Bashforth-4 and keeps only third order on a grid whose steps vary: measured
-  slope 2.9 at ``max_order=4`` (the same as ``max_order=3``) on a log-SNR grid
-  (tests/test_convergence.py), so the registry declares order 3 (``lms`` is the exact fourth-order
-  method).
+  variable-step Adams-Bashforth; third and fourth: their closed forms; :func:`ipndm_v_coefficients`).
+  The third-order form reduces to the constant coefficients on equal steps.  The fourth-order form
+  does not: on equal steps it gives ``(57, -65, 43, -11) / 24`` instead of Adams-Bashforth's
+  ``(55, -59, 37, -9) / 24`` (their weights sum to one and integrate a line exactly, so the method is
+  consistent, but not of fourth order): measured slope 2.9 at ``max_order=4``, the same as at
+  ``max_order=3``, on a log-SNR grid (tests/test_convergence.py).  fewstep keeps the authors'
+  formula, which is what ComfyUI runs (the same numbers, tests/test_comfy_samplers.py), and the
+  registry declares order 3; the exact variable-step fourth-order method is ``lms``.
 
 The first step is Euler (DDIM); a step onto clean data is the denoising step ``x = D`` (ComfyUI's;
 diff-sampler ends at ``sigma_min``, which is ``end="min"``); the history starts after a zero-SNR
