@@ -9,7 +9,7 @@ sqrt(2 rho) dW_rho`` in EDM's ``y = x / alpha``: each step's noise is ``rho_{i+1
 rho_i^2)`` times the normalised increment of ``W`` over the step.  So one fine reference serves
 them all (SDE-DPM++(3M) at 1025 steps of a uniform log-SNR grid); ER-SDE (another SDE of its family)
 and Heun with churn (its noise depends on ``S_churn / N``) have their own.  The coarse grids (33 to
-129 steps) are nested in the fine one, so the tree is queried once per level.  The error is the
+257 steps) are nested in the fine one, so the tree is queried once per level.  The error is the
 median over 8 samples of the per-sample RMS error: a coarse path sometimes ends in another mixture
 component than the fine one, an O(1) error with probability O(h), which makes the RMS over samples
 converge at order 1/2 however good the solver is (measured), while the median shows the order of
@@ -28,14 +28,23 @@ from fewstep.schedules import VPContinuous
 pytest.importorskip("torchsde", reason="the Brownian tree needs torchsde (fewstep[sde], in the dev extra)")
 from fewstep.samplers import BrownianNoise  # noqa: E402
 
-STEPS = [33, 65, 129]
+STEPS = [33, 65, 129, 257]
 SAME_SDE = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde",
             "res_multistep_ancestral"]
 OWN_REFERENCE = {"er_sde": {}, "heun": {"s_churn": 10.0, "s_tmax": 50.0}}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Small tensors: torch's intra-op threads only add contention (10-50x slower on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def path(digits_mixture):
+def path(digits_mixture, _single_thread):
     """The model, noise, one Brownian path (all runs share its values) and the reference solution."""
     sched = VPContinuous("linear", t_min=1e-3)
     den = digits_mixture.denoiser(sched)
