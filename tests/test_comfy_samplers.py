@@ -19,32 +19,10 @@ import torch
 
 import fewstep
 import fewstep.k_diffusion as K
-from fewstep.samplers.core import NoiseSource
 from fewstep.schedules import EDM, FlowMatching
+from k_helpers import W, ListNoise, den, rel  # noqa: E402  (tests/k_helpers.py)
 
 TOL = 1e-5
-W = torch.randn(8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) / 3
-
-
-def den(x, sigma):
-    s = torch.as_tensor(sigma, dtype=x.dtype)
-    s = s.reshape(-1, 1) if s.ndim else s
-    return torch.tanh(x @ W) / (1 + s**2) + 0.1 * x * s**2 / (1 + s**2)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-class ListNoise(NoiseSource):
-    def __init__(self, noises):
-        super().__init__()
-        self.noises = list(noises)
-
-    def randn_like(self, x):
-        return self.noises.pop(0).to(x.dtype)
-
-
 def karras(n, lo=0.002, hi=80.0, rho=7.0):
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     s = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
