@@ -15,6 +15,20 @@ Fréchet distance to the exact-ODE samples.  Three groups of rows, measured in t
 * ``same``: the fewstep sampler that implements the peer's algorithm, on the peer's exact grid and
   options; its error divided by the peer's must be 1.00.
 
+A second study, in the same run, is the exact mixture in **flow-matching** form (rectified flow,
+``alpha = 1 - t``, ``sigma = t``, SD3's shift 3; the exact ODE in flow time from ``t = 1``):
+
+* ``fewstep``: every deterministic registry sampler on its default grid (``shifted``), the
+  DC-Solver with fitted ratios, and a tuned plan per NFE (``fewstep.samplers.tune`` with
+  ``unipc_3`` and ``dpmpp_3m`` as bases on 256 other noises, the one with the lower validation
+  error reported);
+* ``peer``: diffusers' ``FlowMatchEulerDiscreteScheduler`` (its default shifted sigmas, and
+  Karras / exponential / beta sigmas), ``FlowMatchHeunDiscreteScheduler`` (odd NFE: ``n`` steps cost
+  ``2n - 1``), ``DPMSolverMultistepScheduler`` 2M / 3M and ``UniPCMultistepScheduler`` 2 / 3 with
+  ``use_flow_sigmas=True``; the network is the exact velocity fed as each scheduler feeds it
+  (DPM-Solver / UniPC give it ``int(1000 sigma)``);
+* ``same``: fewstep's sampler on the peer's grid.
+
 Issue 15 adds three studies in the same run:
 
 * ``spacing``: the samplers k-diffusion / ComfyUI users know (and fewstep's multistep ones) on every
@@ -29,9 +43,10 @@ Issue 15 adds three studies in the same run:
   noise seeds (a stochastic sampler has no ODE solution to compare with).
 
 Usage:  python benchmarks/sampler_accuracy.py [--num-samples 1000] [--nfe 4,5,6,8,10,15,20,30,50]
-        [--png benchmarks/sampler_accuracy.png] [--json PATH] [--only-new]
-Prints one table (cells ``RMSE / FD``) and, per NFE, the best fewstep sampler, the best peer and
-the ratio of their RMSEs (below 1: fewstep ahead); then the issue-15 studies.
+        [--flow-nfe 4,5,6,8,10] [--no-vp] [--no-flow] [--no-plans] [--only-new]
+        [--png benchmarks/sampler_accuracy.png] [--json PATH]
+Prints one table per study (cells ``RMSE / FD``) and, per NFE, the best fewstep sampler, the best
+peer and the ratio of their RMSEs (below 1: fewstep ahead); then the issue-15 studies.
 """
 
 from __future__ import annotations
@@ -50,9 +65,12 @@ from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepS
 import fewstep
 from fewstep.eval.exact import ExactStudy
 from fewstep.eval.frechet import frechet_distance_from_features
+from fewstep.samplers.core import run_program
 from fewstep.samplers.dc_solver import fit_dc_ratios
 
 NFES = (4, 5, 6, 8, 10, 15, 20, 30, 50)
+FLOW_NFES = (4, 5, 6, 8, 10)
+FLOW_SHIFT = 3.0  # SD3's
 
 
 @dataclass
@@ -308,6 +326,90 @@ def fewstep_rows(study: ExactStudy, nfe: int, fit_noise: torch.Tensor) -> list[R
     return rows
 
 
+# --- the flow-matching study ------------------------------------------------------------------------------
+
+
+def flow_study(num_samples: int) -> ExactStudy:
+    from fewstep.schedules import FlowMatching
+
+    return ExactStudy.make(schedule=FlowMatching(shift=FLOW_SHIFT), num_samples=num_samples, seed=0)
+
+
+def _flow_diffusers(study: ExactStudy, sch, nfe: int) -> tuple[torch.Tensor, list[float]]:
+    """A diffusers flow scheduler's loop with the exact velocity, fed the timesteps it hands out."""
+    from fewstep.models.mixture import MixtureVelocity
+
+    net = MixtureVelocity(study.model)
+    sch.set_timesteps(nfe)
+    x = study.noise * float(sch.sigmas[0])
+    for t in sch.timesteps:
+        x = sch.step(net(x, t), t, x).prev_sample
+    return x, torch.unique_consecutive(sch.sigmas.double()).tolist()
+
+
+def flow_peer_rows(study: ExactStudy, nfe: int) -> list[Row]:
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    den = study.model.denoiser(study.schedule)
+    rows: list[Row] = []
+
+    def pair(name: str, out: torch.Tensor, ours: str | None, grid: list[float], x_start: torch.Tensor, note: str = "", **opts) -> None:
+        rows.append(Row("peer", name, nfe, *_errors(study, out), note))
+        if ours is not None:
+            program = fewstep.samplers.prepare(ours, nfe, study.schedule, spacing=grid, **opts)
+            mine, _ = run_program(program, den, x_start)
+            rows.append(Row("same", f"{ours} on {name}'s grid", nfe, *_errors(study, mine)))
+
+    euler = {"": {}, " Karras": {"use_karras_sigmas": True}, " exponential": {"use_exponential_sigmas": True},
+             " beta": {"use_beta_sigmas": True}}
+    for label, kw in euler.items():
+        out, grid = _flow_diffusers(study, FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT, **kw), nfe)
+        pair(f"diffusers FlowMatchEuler{label}", out, "euler", grid, study.noise * grid[0])
+    if nfe % 2 == 1:
+        out, grid = _flow_diffusers(study, FlowMatchHeunDiscreteScheduler(shift=FLOW_SHIFT), (nfe + 1) // 2)
+        # diffusers' Heun steps in flow time; fewstep's heun in sigma / alpha (EDM's ODE): no identical setting
+        rows.append(Row("peer", "diffusers FlowMatchHeun", nfe, *_errors(study, out), "Heun in flow time"))
+    for cls, ours in ((DPMSolverMultistepScheduler, "dpmpp"), (UniPCMultistepScheduler, "unipc")):
+        for order in (2, 3):
+            sch = cls(solver_order=order, use_flow_sigmas=True, flow_shift=FLOW_SHIFT, prediction_type="flow_prediction")
+            out, grid = _flow_diffusers(study, sch, nfe)
+            name = f"diffusers {cls.__name__.removesuffix('MultistepScheduler')} {order} flow sigmas"
+            opts = {"d2_weight": 0.5} if ours == "dpmpp" and order == 3 else {}
+            sampler = f"dpmpp_{order}m" if ours == "dpmpp" else f"unipc_{order}"
+            pair(name, out, sampler, grid, study.noise * grid[0], "network sees int(1000 sigma)", **opts)
+    return rows
+
+
+def flow_fewstep_rows(study: ExactStudy, nfe: int, fit_noise: torch.Tensor, plans: bool) -> list[Row]:
+    names = [n for n in fewstep_names() if fewstep.spec(n).family != "time_shift"]  # time shift re-times VP samples
+    rows = []
+    den = study.model.denoiser(study.schedule)
+    for name in names:
+        opts: dict = {}
+        note = ""
+        if fewstep.spec(name).family == "dc_solver":
+            opts = fit_dc_ratios(den, fit_noise, name, nfe)
+            note = "ratios fitted on 16 other trajectories"
+        try:
+            out = fewstep.sample(den, study.noise, name, nfe, **opts)
+        except ValueError as err:
+            rows.append(Row("fewstep", name, nfe, math.nan, math.nan, str(err)))
+            continue
+        rows.append(Row("fewstep", name, nfe, *_errors(study, out), note))
+    if plans:
+        from fewstep.samplers.tuning import tune
+
+        best = None
+        for base in ("unipc_3", "dpmpp_3m"):
+            plan = tune(den, study.schedule, base, nfe, num_trajectories=256, generator=torch.Generator().manual_seed(1000 + nfe),
+                        shape=(study.model.dim,), dtype=torch.float64)
+            if best is None or plan.meta["validation_rmse"] < best.meta["validation_rmse"]:
+                best = plan
+        out = fewstep.sample(den, study.noise, plan=best)
+        rows.append(Row("fewstep", "tuned plan", nfe, *_errors(study, out), f"base {best.sampler}, 256 tuning noises"))
+    return rows
+
+
 # --- output -------------------------------------------------------------------------------------------
 
 
@@ -369,63 +471,89 @@ def plot(rows: list[Row], path: str, floor: float) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--nfe", default=",".join(map(str, NFES)))
-    p.add_argument("--png", default="benchmarks/sampler_accuracy.png")
-    p.add_argument("--json", default=None)
-    p.add_argument("--only-new", action="store_true", help="only the issue-15 studies (and the peers they compare with)")
-    args = p.parse_args()
-    nfes = tuple(int(v) for v in args.nfe.split(","))
-    t0 = time.perf_counter()
-    torch.set_num_threads(1)  # small tensors: threads only add contention on a shared machine
-    study = ExactStudy.make(num_samples=args.num_samples, seed=0)
-    from fewstep.schedules import VPDiscrete, diffusers_betas
-
-    sd = ExactStudy.make(schedule=VPDiscrete.from_betas(diffusers_betas(**SD_CONFIG)),
-                         num_samples=args.num_samples, seed=0)
-    data = study.model.sample(10000, generator=torch.Generator().manual_seed(99))
-    fd_floor = frechet_distance_from_features(study.model.sample(args.num_samples, generator=torch.Generator().manual_seed(98)), data)
-    fit_noise = torch.randn(16, study.model.dim, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
-    rows: list[Row] = []
-    sd_rows: list[Row] = []
-    fd_rows: list[FDRow] = []
-    for n in nfes:
-        if not args.only_new:
-            rows += fewstep_rows(study, n, fit_noise)
-        rows += peer_rows(study, n) + spacing_rows(study, n, NEW_SPACINGS, "spacing")
-        sd_rows += spacing_rows(sd, n, ["karras", "ays_sd15", "ays_sdxl", "gits_sd15"], "sd15") + [
-            r for r in peer_rows(sd, n, SD_CONFIG) if r.group == "peer"]
-        fd_rows += stochastic_rows(study, n, data)
-        print(f"NFE {n} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+def _report(title: str, rows: list[Row], nfes: tuple[int, ...]) -> None:
+    print(f"\n## {title}\n")
+    print(table(rows, nfes))
     print()
-    print(table([r for r in rows if r.group != "spacing"], nfes))
-    if not args.only_new:
-        print()
-        print(summary(rows, nfes))
+    print(summary(rows, nfes))
+    notes = sorted({f"{r.name}: {r.note}" for r in rows if r.note})
+    if notes:
+        print("\n" + "\n".join(notes))
+
+
+def _issue15_report(rows: list[Row], sd_rows: list[Row], fd_rows: list[FDRow], nfes: tuple[int, ...], fd_floor: float) -> None:
     print("\n## Issue 15: known samplers on every spacing (RMSE / FD; DDPM linear schedule)\n")
-    print(table([r for r in rows if r.group == "spacing"], nfes))
+    print(table(rows, nfes))
     print()
     print(new_summary(rows, nfes, "spacing"))
     print("\n## Issue 15: published step tables on Stable Diffusion's schedule (same mixture)\n")
     print(table(sd_rows, nfes))
     print()
-    print(new_summary([*sd_rows], nfes, "sd15"))
+    print(new_summary(sd_rows, nfes, "sd15"))
     print("\n## Issue 15: stochastic samplers, FD to 10000 exact data samples (mean ± half the range over 3 seeds)\n")
     print(fd_table(fd_rows, nfes))
     print()
     print(fd_summary(fd_rows, nfes, fd_floor))
-    notes = sorted({f"{r.name}: {r.note}" for r in rows if r.note})
-    if notes:
-        print("\n" + "\n".join(notes))
-    plot([r for r in rows if r.group != "spacing"], args.png, study.fd_floor)
-    print(f"\n{args.num_samples} samples, FD sampling floor {study.fd_floor:.3g}; wrote {args.png}; "
-          f"{time.perf_counter() - t0:.0f} s on {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--nfe", default=",".join(map(str, NFES)))
+    p.add_argument("--flow-nfe", default=",".join(map(str, FLOW_NFES)))
+    p.add_argument("--no-vp", action="store_true", help="skip the VP (DDPM schedule) studies")
+    p.add_argument("--no-flow", action="store_true", help="skip the flow-matching study")
+    p.add_argument("--no-plans", action="store_true", help="skip the tuned plans of the flow study")
+    p.add_argument("--only-new", action="store_true", help="of the VP studies, only the issue-15 ones (and the peers they compare with)")
+    p.add_argument("--png", default="benchmarks/sampler_accuracy.png")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    nfes = tuple(int(v) for v in args.nfe.split(","))
+    flow_nfes = tuple(int(v) for v in args.flow_nfe.split(","))
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)  # small tensors: threads only add contention on a shared machine
+    rows: list[Row] = []
+    sd_rows: list[Row] = []
+    fd_rows: list[FDRow] = []
+    flow_rows: list[Row] = []
+    fit_noise = torch.randn(16, 64, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    if not args.no_vp:
+        from fewstep.schedules import VPDiscrete, diffusers_betas
+
+        study = ExactStudy.make(num_samples=args.num_samples, seed=0)
+        sd = ExactStudy.make(schedule=VPDiscrete.from_betas(diffusers_betas(**SD_CONFIG)),
+                             num_samples=args.num_samples, seed=0)
+        data = study.model.sample(10000, generator=torch.Generator().manual_seed(99))
+        fd_floor = frechet_distance_from_features(study.model.sample(args.num_samples, generator=torch.Generator().manual_seed(98)), data)
+        for n in nfes:
+            if not args.only_new:
+                rows += fewstep_rows(study, n, fit_noise)
+            rows += peer_rows(study, n) + spacing_rows(study, n, NEW_SPACINGS, "spacing")
+            sd_rows += spacing_rows(sd, n, ["karras", "ays_sd15", "ays_sdxl", "gits_sd15"], "sd15") + [
+                r for r in peer_rows(sd, n, SD_CONFIG) if r.group == "peer"]
+            fd_rows += stochastic_rows(study, n, data)
+            print(f"VP NFE {n} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        base = [r for r in rows if r.group != "spacing"]
+        if args.only_new:
+            print()
+            print(table(base, nfes))
+        else:
+            _report("VP (DDPM linear schedule)", base, nfes)
+        _issue15_report([r for r in rows if r.group == "spacing"], sd_rows, fd_rows, nfes, fd_floor)
+        plot(base, args.png, study.fd_floor)
+        print(f"\nVP: {args.num_samples} samples, FD sampling floor {study.fd_floor:.3g}; wrote {args.png}")
+    if not args.no_flow:
+        fstudy = flow_study(args.num_samples)
+        for n in flow_nfes:
+            flow_rows += flow_fewstep_rows(fstudy, n, fit_noise, not args.no_plans) + flow_peer_rows(fstudy, n)
+            print(f"flow NFE {n} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        _report(f"flow matching (rectified flow, shift {FLOW_SHIFT})", flow_rows, flow_nfes)
+        print(f"\nflow: {args.num_samples} samples, FD sampling floor {fstudy.fd_floor:.3g}")
+    print(f"\n{time.perf_counter() - t0:.0f} s on {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rmse": [asdict(r) for r in rows], "sd15": [asdict(r) for r in sd_rows],
-                       "fd": [asdict(r) for r in fd_rows]}, f, indent=1)
+            json.dump({"vp": [asdict(r) for r in rows], "sd15": [asdict(r) for r in sd_rows],
+                       "fd": [asdict(r) for r in fd_rows], "flow": [asdict(r) for r in flow_rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

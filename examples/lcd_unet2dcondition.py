@@ -9,7 +9,7 @@ empty-prompt state is zeros; replace them with VAE latents and text-encoder stat
 (``TensorData(latents, {"encoder_hidden_states": states})``).  The student gets LCM's
 guidance embedding (``time_cond_proj_dim``) and is sampled with the registry's ``lcm`` sampler at
 1, 2 and 4 steps; ``--lora`` trains LoRA adapters instead (the teacher is the same UNet with the
-adapters off, LCM-LoRA).
+adapters off, LCM-LoRA; the student folder holds the adapter in diffusers' LoRA format).
 """
 
 from __future__ import annotations
@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     latents = 0.7 * centres[labels] + 0.3 * torch.randn(n, 4, size, size, generator=g)
     data = TensorData(latents, {"encoder_hidden_states": prompts[labels]})
     uncond = {"encoder_hidden_states": torch.zeros(1, 8, dim)}
-    lora = None
+    lora = base = None
     if args.lora:
+        import copy
+
+        base = copy.deepcopy(unet)  # the LoRA student's base: the teacher before adapters are added to it
         from peft import LoraConfig
 
         lora = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                            precision=args.precision, checkpoint_every=max(args.steps // 2, 1), log_every=min(50, args.steps))
     run = Distiller(objective, data, teacher, lora=lora, guidance_embedding_dim=None if args.lora else 64,
                     scheduler_config=dict(scheduler.config), config=config).train()
-    student = load_student(run.student_dir)
+    student = load_student(run.student_dir, base=base)  # a LoRA student folder holds only the adapter
     noise = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(1))
     cond = {"encoder_hidden_states": prompts[:4]}
     if not args.lora:

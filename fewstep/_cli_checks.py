@@ -40,6 +40,7 @@ __all__ = [
     "positive_float",
     "unit_interval",
     "seed",
+    "number_range",
     "nfe_list",
     "shape_list",
     "name_list",
@@ -123,6 +124,18 @@ def unit_interval(text: str) -> float:
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return v
+
+
+def number_range(text: str) -> tuple[float, float]:
+    """``LO,HI``: two finite numbers with ``0 <= LO <= HI``."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def seed(text: str) -> int:

@@ -344,3 +344,37 @@ def require_safetensors(folder: str | os.PathLike, what: str) -> Path:
         f"{what} {folder} has no weights (.safetensors) next to its config; save the model there with "
         "model.save_pretrained(folder) (safetensors is diffusers' default)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested conditioning
+# ---------------------------------------------------------------------------------------------
+
+
+def tree_map(fn: Any, tree: Any, *rest: Any) -> Any:
+    """``fn`` applied to every tensor leaf of a nested structure of dicts (``added_cond_kwargs``,
+    ControlNet inputs, ...), lists and tuples; other leaves (numbers, strings, None) are kept
+    as they are.  With ``rest``, structures of the same shape are walked together and ``fn``
+    receives one leaf of each (a mismatch of keys or lengths is a ``ValueError``)."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return fn(tree, *rest)
+    if isinstance(tree, dict):
+        for r in rest:
+            if not isinstance(r, dict) or set(r) != set(tree):
+                raise ValueError(f"conditioning structures differ: keys {sorted(tree)} vs {sorted(r) if isinstance(r, dict) else type(r).__name__}")
+        return {k: tree_map(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        for r in rest:
+            if not isinstance(r, (list, tuple)) or len(r) != len(tree):
+                raise ValueError("conditioning structures differ in length")
+        return type(tree)(tree_map(fn, v, *(r[i] for r in rest)) for i, v in enumerate(tree))
+    return tree
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The tensor leaves of a nested structure (see :func:`tree_map`), in a fixed order."""
+    out: list[Any] = []
+    tree_map(lambda v: out.append(v), tree)
+    return out

@@ -35,11 +35,14 @@ __all__ = [
     "VPContinuous",
     "EDM",
     "FlowMatching",
+    "VPSigma",
+    "GridRule",
     "from_diffusers",
     "time_grid",
     "SPACINGS",
     "default_spacing",
     "diffusers_betas",
+    "diffusers_alphas_cumprod",
 ]
 
 
@@ -115,6 +118,10 @@ class NoiseSchedule(ABC):
     def model_timestep(self, t: TimeLike) -> TimeLike:
         """The timestep value a network trained with this schedule expects at time ``t``."""
         return t
+
+    def time_from_model_timestep(self, ts: TimeLike) -> TimeLike:
+        """Inverse of :meth:`model_timestep`: the schedule time a network timestep stands for."""
+        return ts
 
     def noise_scale(self, t: float) -> float:
         """Standard deviation given to standard-normal noise to start sampling at time ``t``."""
@@ -363,6 +370,9 @@ class VPContinuous(NoiseSchedule):
     def model_timestep(self, t: TimeLike) -> TimeLike:
         return t * self.timestep_scale
 
+    def time_from_model_timestep(self, ts: TimeLike) -> TimeLike:
+        return ts / self.timestep_scale
+
     def _repr_args(self) -> str:
         return f"{self.schedule_kind!r}"
 
@@ -387,14 +397,33 @@ class VPContinuous(NoiseSchedule):
 class EDM(NoiseSchedule):
     """Variance-exploding schedule in the EDM parameterisation (Karras et al. 2022): ``alpha = 1``,
     ``sigma(t) = t``, so the time *is* the noise level.  ``t_zero = 0``; sampling starts from
-    ``sigma_max * noise``."""
+    ``sigma_max * noise``.
+
+    ``precondition`` names the network's noise conditioning ``c_noise`` (what it is fed as
+    timestep), for networks trained with EDM's preconditioning (the paper's Table 1):
+
+    * ``None``: the network receives ``sigma`` itself;
+    * ``"edm"``: ``c_noise = ln(sigma) / 4`` (Karras et al. 2022, Table 1; diffusers'
+      ``EDMEulerScheduler`` / ``EDMDPMSolverMultistepScheduler``, Playground v2.5);
+    * ``"cosine"``: ``c_noise = atan(sigma) 2 / pi`` (diffusers' ``CosineDPMSolverMultistepScheduler``,
+      Stable Audio Open).
+
+    The input and output scalings ``c_in``, ``c_skip``, ``c_out`` that go with it (they involve the
+    prediction type) live in :class:`fewstep.models.prediction.EDMPreconditioning`.
+    """
 
     kind = "ve"
+    PRECONDITIONS = (None, "edm", "cosine")
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5, precondition: str | None = None):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if precondition not in self.PRECONDITIONS:
+            raise ValueError(f"EDM precondition must be None, 'edm' (c_noise = ln(sigma)/4) or 'cosine' (atan(sigma) 2/pi), got {precondition!r}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+        self.precondition = precondition
         self.t_zero, self.t_min, self.t_max = 0.0, self.sigma_min, self.sigma_max
 
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -409,11 +438,79 @@ class EDM(NoiseSchedule):
     def noise_scale(self, t: float) -> float:
         return float(t)
 
+    def model_timestep(self, t: TimeLike) -> TimeLike:
+        if self.precondition is None:
+            return t
+        tt = _as64(t)
+        if self.precondition == "edm":
+            c = 0.25 * torch.log(tt)
+        else:
+            c = torch.atan(tt) * (2.0 / math.pi)
+        return _back(c, t)
+
+    def time_from_model_timestep(self, c: TimeLike) -> TimeLike:
+        if self.precondition is None:
+            return c
+        cc = _as64(c)
+        return _back(torch.exp(4.0 * cc) if self.precondition == "edm" else torch.tan(cc * (math.pi / 2.0)), c)
+
+    def _repr_args(self) -> str:
+        extra = f", precondition={self.precondition!r}" if self.precondition else ""
+        return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}{extra}"
+
+    def config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"type": "edm", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+        if self.precondition is not None:
+            cfg["precondition"] = self.precondition
+        return cfg
+
+
+class VPSigma(NoiseSchedule):
+    """A variance-preserving model indexed by its EDM noise level ``t = sigma / alpha``:
+    ``alpha = 1 / sqrt(1 + t^2)``, ``sigma = t / sqrt(1 + t^2)``, ``lambda = -ln t``, on
+    ``[sigma_min, sigma_max]`` (``t_zero = 0``).  The network receives ``c_noise = ln(t) / 4``
+    (Karras et al. 2022, Table 1) and the VP state ``x = alpha x_0 + sigma eps``.
+
+    This is diffusers' ``EulerDiscreteScheduler(timestep_type="continuous",
+    prediction_type="v_prediction")`` (Stable Video Diffusion): it works in ``y = x / alpha``
+    with ``c_in = 1 / sqrt(t^2 + 1)`` and feeds the network ``0.25 ln(t)``; ``c_in y`` is the VP
+    state, so in VP coordinates the input needs no scaling, and epsilon / v predictions convert
+    exactly as for any VP schedule.
+    """
+
+    kind = "vp"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 700.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"VPSigma needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.t_zero, self.t_min, self.t_max = 0.0, self.sigma_min, self.sigma_max
+
+    def _log_alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = t.clamp(min=0.0)
+        la = -0.5 * torch.log1p(t * t)
+        return la, la + torch.log(t)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self._log_alpha_sigma(t)[0]
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self._log_alpha_sigma(t)[1]
+
+    def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-lam)
+
+    def model_timestep(self, t: TimeLike) -> TimeLike:
+        return _back(0.25 * torch.log(_as64(t)), t)
+
+    def time_from_model_timestep(self, c: TimeLike) -> TimeLike:
+        return _back(torch.exp(4.0 * _as64(c)), c)
+
     def _repr_args(self) -> str:
         return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
 
     def config(self) -> dict[str, Any]:
-        return {"type": "edm", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+        return {"type": "vp_sigma", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +560,30 @@ class FlowMatching(NoiseSchedule):
         """Inverse of :meth:`shift_time`: ``t / (shift - (shift - 1) t)``."""
         return t / (self.shift - (self.shift - 1) * t)
 
+    def time_from_model_timestep(self, ts: TimeLike) -> TimeLike:
+        return ts / self.num_train_timesteps
+
+    def with_shift(self, shift: float) -> "FlowMatching":
+        """The same process with another resolution shift (it moves only the default grid)."""
+        return FlowMatching(shift, self.num_train_timesteps, self.t_min)
+
+    @staticmethod
+    def dynamic_shift(mu: float, time_shift_type: str = "exponential") -> float:
+        """The shift of Flux's resolution-dependent time shift for the ``mu`` a pipeline computes
+        from the image sequence length: ``e^mu / (e^mu + 1/t - 1)`` is :meth:`shift_time` with
+        ``shift = e^mu`` (``time_shift_type="exponential"``, Flux / SD3 with dynamic shifting);
+        ``mu / (mu + 1/t - 1)`` with ``shift = mu`` (``"linear"``)."""
+        mu = float(mu)
+        if not math.isfinite(mu):
+            raise ValueError(f"mu must be finite, got {mu}")
+        if time_shift_type == "exponential":
+            return math.exp(mu)
+        if time_shift_type == "linear":
+            if mu <= 0:
+                raise ValueError(f"a linear time shift needs mu > 0, got {mu}")
+            return mu
+        raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+
     def _repr_args(self) -> str:
         return f"shift={self.shift}"
 
@@ -474,39 +595,64 @@ class FlowMatching(NoiseSchedule):
 # Construction from diffusers and from plain data
 # ---------------------------------------------------------------------------------------------
 
-_VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+def diffusers_alphas_cumprod(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas: Sequence[float] | np.ndarray | None = None,
+    rescale_betas_zero_snr: bool = False,
+    snr_shift_scale: float | None = None,
+) -> torch.Tensor:
+    """``alphas_cumprod`` (float32) exactly as diffusers' DDPM-family schedulers build them.
+
+    ``snr_shift_scale`` is CogVideoX's SNR shift (``CogVideoXDDIMScheduler`` /
+    ``CogVideoXDPMScheduler``, "following SD3", Esser et al. 2024 eq. 23 applied to the SNR):
+    ``alphas_cumprod / (s + (1 - s) alphas_cumprod)``, which divides the SNR by ``s``; those
+    schedulers rescale to zero terminal SNR *after* the shift, on ``alphas_cumprod``, and build
+    ``scaled_linear`` betas in float64 (so the whole chain is float64 there, as in diffusers)."""
+    if snr_shift_scale is None:
+        return torch.cumprod(
+            1.0 - diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr),
+            dim=0,
+        )
+    s = float(snr_shift_scale)
+    if not s > 0:
+        raise ValueError(f"snr_shift_scale must be positive, got {snr_shift_scale}")
+    if trained_betas is None and beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, int(num_train_timesteps), dtype=torch.float64) ** 2
+    else:
+        betas = diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False)
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    ac = ac / (s + (1 - s) * ac)
+    if rescale_betas_zero_snr:  # Lin et al. 2024, Algorithm 1, on sqrt(alphas_cumprod)
+        root = ac.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * (first / (first - last))
+        ac = root**2
+    return ac
 
 
 def from_diffusers(config_or_scheduler: Any) -> NoiseSchedule:
     """The schedule a diffusers model was trained with, from a scheduler or its config.
 
-    * DDPM-family configs (``beta_schedule`` ...) give :class:`VPDiscrete` with ``alphas_cumprod``
-      identical to diffusers'; a scheduler object's own ``alphas_cumprod`` are used as they are
-      (except the ``2**-24`` clamp some schedulers put on a zero terminal SNR, which is undone).
-    * Flow-matching configs (``shift``) give :class:`FlowMatching`.
-    * EDM configs (``sigma_min``, ``sigma_max``, ``sigma_data``) give :class:`EDM`.
+    Every key of the config is read by :func:`fewstep.diffusers_config.read_config`, which knows
+    each key of each diffusers scheduler (a key it does not know, or one it cannot honour, is a
+    ``ValueError`` naming it):
+
+    * DDPM-family configs give :class:`VPDiscrete` with ``alphas_cumprod`` identical to diffusers'
+      (``snr_shift_scale`` and zero-terminal-SNR rescaling included); a scheduler object's own
+      ``alphas_cumprod`` are used as they are (except the ``2**-24`` clamp some schedulers put on
+      a zero terminal SNR, which is undone); ``timestep_type="continuous"`` with
+      ``v_prediction`` gives :class:`VPSigma`;
+    * flow-matching configs (``FlowMatch*``, or ``use_flow_sigmas=True`` with ``flow_shift``) give
+      :class:`FlowMatching`;
+    * EDM configs (``EDMEuler``, ``EDMDPMSolverMultistep``, ``CosineDPMSolverMultistep``) give
+      :class:`EDM` with their ``sigma_data`` and noise preconditioning.
     """
-    cfg: Mapping[str, Any]
-    if hasattr(config_or_scheduler, "config") and not isinstance(config_or_scheduler, Mapping):
-        cfg = dict(config_or_scheduler.config)
-    elif isinstance(config_or_scheduler, Mapping):
-        cfg = dict(config_or_scheduler)
-    else:
-        raise TypeError(
-            f"from_diffusers takes a diffusers scheduler or its config mapping, got {type(config_or_scheduler).__name__}"
-        )
-    cls_name = str(cfg.get("_class_name", type(config_or_scheduler).__name__))
-    if "FlowMatch" in cls_name or ("shift" in cfg and "beta_schedule" not in cfg):
-        return FlowMatching(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
-    if "sigma_data" in cfg and "beta_schedule" not in cfg:
-        return EDM(sigma_min=cfg.get("sigma_min", 0.002), sigma_max=cfg.get("sigma_max", 80.0), sigma_data=cfg.get("sigma_data", 0.5))
-    if "beta_schedule" not in cfg and "trained_betas" not in cfg:
-        raise ValueError(
-            f"cannot tell the noise schedule of {cls_name!r}: its config has no beta_schedule, shift or sigma_data; "
-            "build one directly (fewstep.schedules.VPDiscrete, VPContinuous, EDM, FlowMatching)"
-        )
-    kwargs = {k: cfg[k] for k in _VP_KEYS if k in cfg and cfg[k] is not None}
-    return VPDiscrete.from_betas(diffusers_betas(**kwargs))
+    from fewstep.diffusers_config import read_config
+
+    return read_config(config_or_scheduler).schedule
 
 
 def from_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
@@ -521,7 +667,9 @@ def from_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
         return EDM(**cfg)
     if kind == "flow":
         return FlowMatching(**cfg)
-    raise ValueError(f"unknown schedule type {kind!r} in config; expected vp_discrete, vp_continuous, edm or flow")
+    if kind == "vp_sigma":
+        return VPSigma(**cfg)
+    raise ValueError(f"unknown schedule type {kind!r} in config; expected vp_discrete, vp_continuous, vp_sigma, edm or flow")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,12 +696,37 @@ SPACING_PARAMS: dict[str, dict[str, Any]] = {
     "linear_quadratic": {"threshold_noise": 0.025, "linear_steps": None},
 }
 
-Spacing = Union[str, Mapping[str, Any], Sequence[float], torch.Tensor, np.ndarray]
+
+class GridRule:
+    """A spacing given as a rule: ``rule(num_steps)`` returns ``num_steps + 1`` decreasing times
+    that end at ``end_time``, for whatever number of steps a sampler needs for its budget.
+
+    ``FewstepScheduler`` uses it for grids that come from outside fewstep: the grid of the
+    diffusers scheduler it replaces (``spacing="diffusers"``), or the ``sigmas=`` a pipeline
+    passes (Flux always does), resampled to the sampler's step count."""
+
+    def __init__(self, make: Any, end_time: float, name: str = "rule"):
+        self.make = make
+        self.end_time = float(end_time)
+        self.name = name
+
+    def __call__(self, num_steps: int) -> torch.Tensor:
+        grid = torch.as_tensor(self.make(int(num_steps)), dtype=torch.float64).flatten()
+        if len(grid) != num_steps + 1:
+            raise ValueError(f"the {self.name} grid has {len(grid)} times for {num_steps} steps; it needs {num_steps + 1}")
+        return grid
+
+    def __repr__(self) -> str:
+        return f"GridRule({self.name!r}, end_time={self.end_time})"
+
+
+Spacing = Union[str, Mapping[str, Any], Sequence[float], torch.Tensor, np.ndarray, GridRule]
 
 
 def is_explicit_grid(spacing: Spacing) -> bool:
-    """Whether ``spacing`` is a list of times (not a spacing name or a ``{"name": ...}`` mapping)."""
-    return not isinstance(spacing, (str, Mapping))
+    """Whether ``spacing`` is a list of times (not a spacing name, a ``{"name": ...}`` mapping or a
+    :class:`GridRule`)."""
+    return not isinstance(spacing, (str, Mapping, GridRule))
 
 
 def k_sigma(schedule: NoiseSchedule, t: TimeLike) -> TimeLike:
@@ -639,6 +812,7 @@ def time_grid(
       schedules (as in ``DPMSolverMultistepScheduler``; Lin et al. 2024, Table 2).
     * a mapping ``{"name": ..., **parameters}``: a spacing with other parameters (``SPACING_PARAMS``).
     * a sequence of ``num_steps + 1`` decreasing times: used as given.
+    * a :class:`GridRule`: its times for ``num_steps`` steps (``end`` and ``t_start`` are the rule's).
 
     For the sigma spacings and ``logsnr`` with ``end="zero"``, the first ``num_steps`` points span
     ``[t_start, t_min]`` and the grid finishes with a jump to ``t_zero`` (the k-diffusion / diffusers
@@ -654,6 +828,10 @@ def time_grid(
     schedule.check_time(t_hi, "t_start")
     t_end = _end_time(schedule, end)
 
+    if isinstance(spacing, GridRule):
+        grid = spacing(n)
+        _validate_grid(schedule, grid)
+        return grid
     if is_explicit_grid(spacing):
         if isinstance(spacing, torch.Tensor):
             grid = spacing.detach().cpu().to(torch.float64).flatten()

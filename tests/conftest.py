@@ -58,9 +58,10 @@ def ddpm_schedule():
     return default_schedule()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Single-threaded torch for the duration of a test (bit-identical reductions across runs)."""
+    """Run a module on one thread (restored after): tiny tensors gain nothing from more, and on a
+    shared CPU OpenMP's waiting threads make them many times slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -92,7 +92,23 @@ def files(tmp_path):
     (teacher / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
     notzip = tmp_path / "stats.npz"
     notzip.write_text("not a zip")
-    return {"file": f, "empty": empty, "bad": bad, "mixed": mixed, "teacher": teacher, "notzip": notzip, "out": tmp_path / "out"}
+    text_teacher = tmp_path / "text_teacher"  # a text-to-image pipeline folder (configs only: nothing is loaded)
+    for sub in ("unet", "scheduler", "vae", "tokenizer", "text_encoder"):
+        (text_teacher / sub).mkdir(parents=True)
+    (text_teacher / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 8}))
+    (text_teacher / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(captions / f"{i}.png")
+        (captions / f"{i}.txt").write_text("a red square")
+    half = tmp_path / "half_captions"
+    half.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(half / f"{i}.png")
+    (half / "0.txt").write_text("a red square")
+    return {"file": f, "empty": empty, "bad": bad, "mixed": mixed, "teacher": teacher, "notzip": notzip, "out": tmp_path / "out",
+            "text_teacher": text_teacher, "captions": captions, "half": half}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +329,26 @@ DISTILL_CASES = [
     (["--resume", "{out}/missing"], ["--resume", "missing", "latest"]),
     (["--out", "{file}"], ["--out", "a_file", "not a folder"]),
     (["--out", "{file}/run"], ["--out", "a_file"]),
+    # LCD, LoRA, image-text data (issue 16)
+    (["--lora"], ["--lora", "--objective lcd only"]),
+    (["--guidance-range", "1,2"], ["--guidance-range", "--objective lcd only"]),
+    (["--guidance-range", "6,2"], ["--guidance-range", "'6,2'", "LO <= HI"]),
+    (["--guidance-range", "2"], ["--guidance-range", "'2'", "LO,HI"]),
+    (["--skip", "0"], ["--skip", "'0'"]),
+    (["--lora-rank", "4"], ["--lora-rank 4", "needs --lora"]),
+    (["--log-with", "mlflow"], ["--log-with", "'mlflow'", "tensorboard"]),
+    (["--num-workers", "-1"], ["--num-workers", "'-1'"]),
+    (["--validation-prompts", "a cat"], ["--validation-prompts", "--teacher"]),
+    (["--teacher", "{teacher}", "--data", "{captions}"], ["image-caption --data", "text-to-image --teacher", "vae"]),
+    (["--teacher", "{teacher}", "--data", "{mixed}", "--validation-prompts", "a cat"], ["--validation-prompts", "text_encoder"]),
+    (["--teacher", "{text_teacher}", "--data", "{half}"], ["--data", "1 image(s) have no caption file", "1.png"]),
+    (["--teacher", "{text_teacher}", "--data", "{captions}", "--objective", "lcd", "--lora", "--target-ema", "0.5"],
+     ["--target-ema 0.5 with --lora", "stop-gradient"]),
+    (["--teacher", "{text_teacher}", "--data", "{captions}", "--objective", "lcd", "--skip", "60"], ["--skip 60", "50 DDIM steps"]),
+    (["--teacher", "{text_teacher}", "--data", "{mixed}", "--precompute", "{out}/lat"], ["--precompute", "holds none"]),
+    (["--teacher", "{text_teacher}", "--data", "{captions}", "--precompute", "{file}"], ["--precompute", "a_file", "not a folder"]),
+    (["--teacher", "{text_teacher}", "--data", "{captions}", "--precompute", "{out}/lat", "--resume", "latest"], ["--precompute", "--resume"]),
+    (["--teacher", "{teacher}", "--data", "{mixed}", "--resolution", "64"], ["--resolution 64", "image-caption"]),
 ]
 
 
@@ -341,6 +377,15 @@ def test_distill_xformers_missing(files, no_work, capsys):
         pytest.skip("xformers is installed here")
     _expect(capsys, ["distill", "--quiet", "--attention", "xformers", "--out", str(files["out"])], "--attention xformers",
             "not installed")
+
+
+def test_distill_8bit_adam_without_bitsandbytes(files, no_work, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    _expect(capsys, ["distill", "--quiet", "--optimizer", "adamw8bit", "--out", str(files["out"])], "--optimizer adamw8bit",
+            "bitsandbytes is not installed")
 
 
 def test_distill_data_is_checked_against_the_teacher_before_it_loads(files, monkeypatch, capsys):

@@ -188,34 +188,46 @@ def test_steps_offset_reaches_the_leading_spacing():
     assert sch.timesteps.tolist() == ref.timesteps.tolist()
 
 
-def test_flow_and_edm_configs_are_refused_not_replaced():
+def test_flow_and_edm_configs_are_read_not_replaced():
+    """Flow and EDM configs give their own schedule (issue 13), never a DDPM schedule in their place."""
     from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
-    for other in (FlowMatchEulerDiscreteScheduler(shift=3.0), EDMEulerScheduler()):
-        with pytest.raises(ValueError, match="DDPM-family"):
-            FewstepScheduler.from_config(other.config)
+    from fewstep.schedules import EDM, FlowMatching
+
+    flow = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert isinstance(flow.schedule, FlowMatching) and flow.schedule.shift == 3.0
+    edm = FewstepScheduler.from_config(EDMEulerScheduler().config)
+    assert isinstance(edm.schedule, EDM) and edm.schedule.precondition == "edm"
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "unipc_3"])
 def test_image_to_image_starts_part_way(unet, name):
-    """set_begin_index (diffusers' img2img `strength`) re-plans the rest of the grid as its own run."""
+    """set_begin_index (diffusers' img2img `strength`) starts where the replaced scheduler's own grid is at
+    that index (a noise level, issue 13) and re-plans the rest as a run of its own, in place in the
+    timesteps the pipeline sliced; on a diffusers grid (trailing) it is the rest of that grid."""
     from fewstep.samplers.core import run_program
 
     ddpm = DDPMScheduler()
     sch = FewstepScheduler.from_config(ddpm.config, sampler=name)
     sch.set_timesteps(6)
-    full = sch.timesteps.clone()
-    grid = sch.program.grid
+    view = sch.timesteps[2:]  # what the pipeline holds
     sch.set_begin_index(2)
-    assert sch.timesteps.tolist() == full[2:].tolist() and sch.num_inference_steps == 4
-    x_start = sch.add_noise(torch.zeros(2, 1, 8, 8), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), full[2:3])
+    ddpm.set_timesteps(6)
+    assert float(view[0]) == float(ddpm.timesteps[2]) and sch.num_inference_steps == 4  # DDPM's own start
+    assert view.tolist() == sch.timesteps[2:].tolist() == torch.tensor(sch.program.eval_times).float().tolist()
+    x_start = sch.add_noise(torch.zeros(2, 1, 8, 8), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), view[:1])
     with torch.no_grad():
         x = x_start.clone()
-        for t in sch.timesteps:
+        for t in view:
             x = sch.step(unet(x, t).sample, t, x).prev_sample
-        program = fewstep.samplers.prepare(name, 4, sch.schedule, spacing=grid[2:].tolist())
+        program = fewstep.samplers.prepare(name, 4, sch.schedule, t_start=float(ddpm.timesteps[2]))
         ref, _ = run_program(program, DiffusersDenoiser(unet, ddpm), x_start.clone())
     assert torch.equal(x, ref)
+    trailing = FewstepScheduler.from_config(ddpm.config, sampler=name, spacing="trailing")
+    trailing.set_timesteps(6)
+    full = trailing.timesteps.clone()
+    trailing.set_begin_index(2)
+    assert trailing.timesteps[2:].tolist() == full[2:].tolist()
     with pytest.raises(ValueError, match="cannot start part-way"):
         s2 = FewstepScheduler.from_config(ddpm.config, sampler="dpmpp_2s")
         s2.set_timesteps(6)

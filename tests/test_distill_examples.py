@@ -19,7 +19,11 @@ ENV_THREADS = {"OMP_NUM_THREADS": "1"}
 def _run(cmd):
     import os
 
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV_THREADS})
+    import fewstep
+
+    root = str(Path(fewstep.__file__).resolve().parents[1])  # the fewstep under test, not another installed copy
+    env = {**os.environ, **ENV_THREADS, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -88,3 +92,90 @@ def test_fewstep_distill_default_is_the_embedded_digits_teacher(tmp_path, capsys
     assert code == 0 and "FID (digit features)" in out and "teacher (dpmpp_2m)" in out
     meta = json.loads((tmp_path / "d" / "student" / "fewstep_student.json").read_text())
     assert meta["objective"] == "cd" and meta["sampler"] == "cm_multistep"
+
+
+def test_fewstep_distill_lcd_and_lcm_lora_on_text_to_image_pipelines(tmp_path, capsys):
+    """`fewstep distill --objective lcd` on a tiny SD-shaped pipeline folder and image-caption
+    files: exits 0 (the quality probe uses the guided teacher at the guidance scale), writes the
+    validation grid; `--precompute` writes latent shards that a second run trains on; `--lora` on
+    an SDXL-shaped pipeline writes the adapter in diffusers' LoRA format."""
+    import tiny_pipelines as tp
+    from PIL import Image
+
+    from fewstep.cli import main
+
+    tp.pipeline(tmp_path / "sd")
+    tp.pipeline(tmp_path / "xl", sdxl=True)
+    images = tp.image_caption_folder(tmp_path / "images", n=8)
+    common = ["--objective", "lcd", "--num-intervals", "10", "--steps", "2", "--batch-size", "2", "--probe-samples", "4", "--quiet",
+              "--num-workers", "0"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["distill", "--teacher", str(tmp_path / "sd"), "--data", str(images), *common, "--guidance-range", "2,6",
+                     "--validation-prompts", "a photo of a red square", "a blue circle", "--out", str(tmp_path / "run")])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert "teacher (dpmpp_2m, w=4)" in out.out and "student (lcd, lcm)" in out.out
+        grid = Image.open(tmp_path / "run" / "validation" / "step-0000002.png")
+        assert grid.size == (2 * 16, 3 * 16)  # a column per prompt, a row per NFE (1, 2, 4)
+        assert main(["distill", "--teacher", str(tmp_path / "sd"), "--data", str(images), *common,
+                     "--precompute", str(tmp_path / "latents"), "--out", str(tmp_path / "unused")]) == 0
+        assert (tmp_path / "latents" / "index.json").is_file() and not (tmp_path / "unused").exists()
+        assert main(["distill", "--teacher", str(tmp_path / "sd"), "--data", str(tmp_path / "latents"), *common,
+                     "--out", str(tmp_path / "run2")]) == 0
+        code = main(["distill", "--teacher", str(tmp_path / "xl"), "--data", str(images), *common, "--lora", "--lora-rank", "4",
+                     "--out", str(tmp_path / "lora")])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+    finally:
+        torch.set_num_threads(n)
+    assert (tmp_path / "lora" / "student" / "pytorch_lora_weights.safetensors").is_file()
+    meta = json.loads((tmp_path / "lora" / "student" / "fewstep_student.json").read_text())
+    assert meta["guidance"]["range"] == [4.0, 16.0] and meta["guidance"]["embedding"] is False
+
+
+def _example(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_sd15_and_sdxl_lora_examples_run_on_tiny_pipelines(tmp_path, one_thread, capsys):
+    """examples/lcm_sd15.py (with --precompute, then training on the latent shards) and
+    examples/lcm_lora_sdxl.py on tiny local pipeline folders and image-caption files (in-process:
+    a new interpreter per example would spend its time importing)."""
+    import tiny_pipelines as tp
+
+    tp.pipeline(tmp_path / "sd")
+    tp.pipeline(tmp_path / "xl", sdxl=True)
+    images = tp.image_caption_folder(tmp_path / "images", n=6)
+    small = ["--steps", "2", "--batch-size", "2", "--num-ddim-steps", "10", "--num-workers", "0", "--cpu"]
+    sd15, sdxl = _example("lcm_sd15"), _example("lcm_lora_sdxl")
+    assert sd15([str(tmp_path / "sd"), "--data", str(images), "--precompute", str(tmp_path / "lat"), *small]) == 0
+    assert sd15([str(tmp_path / "sd"), "--data", str(tmp_path / "lat"), *small, "--out", str(tmp_path / "sd-run")]) == 0
+    assert "student saved" in capsys.readouterr().out and (tmp_path / "sd-run" / "validation" / "step-0000002.png").is_file()
+    assert sdxl([str(tmp_path / "xl"), "--data", str(images), *small, "--lora-rank", "4", "--out", str(tmp_path / "xl-run")]) == 0
+    assert "LoRA saved" in capsys.readouterr().out and (tmp_path / "xl-run" / "student" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_fewstep_distill_lcd_on_a_tensor_dict_exits_0_with_the_guided_probe(tmp_path, one_thread, capsys):
+    """`--objective lcd --data FILE.pt` (latents, text states and 'uncond'): trains, saves and exits
+    0; the probe's teacher is the guided one at the middle of the guidance range (formerly: rc 2)."""
+    import tiny_pipelines as tp
+
+    from fewstep.cli import main
+
+    tp.pipeline(tmp_path / "sd")
+    torch.save({"latents": torch.randn(8, 4, 8, 8), "encoder_hidden_states": torch.randn(8, 12, 32),
+                "uncond": {"encoder_hidden_states": torch.zeros(1, 12, 32)}}, tmp_path / "d.pt")
+    code = main(["distill", "--objective", "lcd", "--teacher", str(tmp_path / "sd"), "--data", str(tmp_path / "d.pt"), "--num-intervals", "10",
+                 "--steps", "2", "--batch-size", "2", "--probe-samples", "4", "--out", str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "teacher (dpmpp_2m, w=11)" in out.out  # (6 + 16) / 2
+    rows = json.loads((tmp_path / "run" / "quality.json").read_text())
+    assert len(rows) == 5 and all(r["rmse"] == r["rmse"] for r in rows)  # finite numbers, no NaN

@@ -1,6 +1,6 @@
 """Process-level behaviour of the distillation trainer: a run killed with SIGKILL resumes and
-ends on exactly the weights of an uninterrupted run, and two processes (torchrun, gloo) train the
-same student as one process with the same global batch.  Both use tests/distill_job.py."""
+ends on exactly the weights of an uninterrupted run, and two processes (`accelerate launch`, gloo)
+train the same student as one process with the same global batch.  Both use tests/distill_job.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 JOB = Path(__file__).resolve().parent / "distill_job.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# every process of these tests imports the fewstep of this checkout (not another installed copy)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _run(args, **kw):
@@ -76,8 +77,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # both ranks skip that step (one skipped step reported, weights equal across the two runs).
     one, two = tmp_path / "one", tmp_path / "two"
     out1 = _run([one, "--steps", 30, "--checkpoint-every", 30, "--nan-at", "5:3"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(JOB), str(two), "--steps", "30", "--checkpoint-every", "30", "--nan-at", "5:3"]
+    # through `accelerate launch` (its multi-GPU launcher starts two gloo processes on a CPU-only
+    # machine; `torchrun --nproc_per_node 2` is the same launch underneath)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(_free_port()), str(JOB), str(two), "--steps", "30", "--checkpoint-every", "30", "--nan-at", "5:3"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("processes=2") == 2 and "skipped=1" in r.stdout and "skipped=1" in out1
@@ -85,3 +88,33 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # differs from the one-process mean only by float32 summation order.  Tolerance 1e-6 on
     # weights of size ~0.4 (measured: 4e-8).
     assert _max_diff(_weights(one), _weights(two)) < 1e-6
+
+
+FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+use_cpu: true
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_auto_wrap_policy: NO_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_use_orig_params: true
+  fsdp_sync_module_states: true
+"""
+
+
+def test_fsdp_on_two_cpu_processes_is_refused_clearly(tmp_path):
+    """`accelerate launch` with an FSDP config starts two CPU processes; torch's FSDP cannot run
+    without an accelerator device (it raises "FSDP needs a non-CPU accelerator device", and
+    accelerate's FSDP plugin refuses first), so the trainer stops before any work with one message
+    saying so, what to use on CPUs (DDP) and where the GPU configuration is."""
+    (tmp_path / "fsdp.yaml").write_text(FSDP_CONFIG)
+    env = ENV
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"), "--main_process_port",
+           str(_free_port()), str(JOB), str(tmp_path / "out"), "--steps", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert r.stderr.count("FSDP needs GPUs (or another accelerator)") == 2, r.stderr[-3000:]  # both ranks, before any work
+    assert "train with DDP" in r.stderr and "examples/accelerate/fsdp_8gpu.yaml" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ LoRA students, and students that reload (pull style and into a diffusers pipelin
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -54,8 +55,8 @@ def test_bad_input_fails_clearly_before_any_training_step(tmp_path, digits_image
         Distiller(CD(), data, unet_teacher(), tiny_unet(), prediction_type="flow_prediction", config=cfg(tmp_path))
     with pytest.raises(ValueError, match="distils a teacher"):  # an objective that needs a teacher, without one
         Distiller(CD(), data, None, tiny_unet(), prediction_type="epsilon", schedule=ddpm_schedule, config=cfg(tmp_path))
-    with pytest.raises(ValueError, match="unconditional inputs"):
-        LCD()
+    with pytest.raises(ValueError, match="unconditional inputs"):  # LCD without uncond= and data that builds none
+        Distiller(LCD(), data, unet_teacher(), tiny_unet(), config=cfg(tmp_path))
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="not writable"):  # an output folder that cannot be created
@@ -148,7 +149,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(digits_images, ddpm_sch
 def test_lcd_lora_student_trains_adapters_only(tmp_path):
     """LCM-LoRA: the student is the teacher's own UNet2DConditionModel with LoRA adapters, the
     teacher the same network with the adapters off.  At start (LoRA B = 0) both agree exactly;
-    training changes only adapter weights; the saved student has them fused into plain weights."""
+    training changes only adapter weights; the saved adapter (diffusers LoRA format), loaded onto the base and fused, is the student."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -158,11 +159,12 @@ def test_lcd_lora_student_trains_adapters_only(tmp_path):
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, attention_head_dim=4)
     teacher = DiffusersDenoiser(unet, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
     base = {k: v.clone() for k, v in unet.state_dict().items()}
+    plain = copy.deepcopy(unet)  # the teacher's network before adapters: the base a LoRA student loads onto
     g = torch.Generator().manual_seed(0)
     data = TensorData(torch.randn(32, 4, 8, 8, generator=g) * 0.5, {"encoder_hidden_states": torch.randn(32, 2, 16, generator=g)})
     obj = LCD(uncond={"encoder_hidden_states": torch.zeros(1, 2, 16)}, num_ddim_steps=10, guidance_embedding=False, target_ema=0.0)
     lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    d = Distiller(obj, data, teacher, lora=lora, config=cfg(tmp_path, steps=4, lr=1e-2))
+    d = Distiller(obj, data, teacher, lora=lora, config=cfg(tmp_path, steps=4, lr=1e-2, sampling_ema=None))
     x = torch.randn(2, 4, 8, 8, generator=g)
     ehs = torch.randn(2, 2, 16, generator=g)
     t = torch.tensor([500.0, 20.0], dtype=torch.float64)
@@ -177,7 +179,7 @@ def test_lcd_lora_student_trains_adapters_only(tmp_path):
     for k, v in base.items():  # the base weights are untouched (peft renames them .base_layer.)
         key = k if k in after else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.equal(after[key], v), k
-    loaded = load_student(run.student_dir)
+    loaded = load_student(run.student_dir, base=plain)  # the adapter file, loaded by diffusers onto the base and fused
     assert not any("lora" in k for k in loaded.denoiser.network.state_dict())
     with torch.no_grad():
         ref = d.student(x, t, encoder_hidden_states=ehs)
@@ -226,3 +228,27 @@ def test_saved_student_reloads_into_a_pipeline_and_samples_with_its_sampler(tmp_
         expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         # the scheduler applies the student's boundary condition: the same tensors as pull style
         assert abs(images - expected).max() == 0.0
+
+
+def test_metrics_csv_always_and_trackers_when_installed(tmp_path, monkeypatch, digits_mixture, ddpm_schedule):
+    """metrics.csv and metrics.jsonl hold the same rows; a tracker that is installed (W&B here, in
+    its disabled mode: no network, no files) receives them through accelerate; one that is not
+    installed is refused before anything runs."""
+    import csv
+    import importlib.util
+
+    cfg_kw = dict(steps=4, log_every=2)
+    if importlib.util.find_spec("wandb") is not None:
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        cfg_kw["log_with"] = ("wandb",)
+    d = Distiller(CD(num_intervals=4, teacher_sampler="ddim"), MixtureData(digits_mixture), digits_mixture.denoiser(ddpm_schedule),
+                  MLPNet(dim=64, hidden=32, depth=1), prediction_type="sample", config=cfg(tmp_path, **cfg_kw))
+    d.train()
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    js = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in js] == [2, 4]
+    assert all(abs(float(a["loss"]) - b["loss"]) < 1e-12 for a, b in zip(rows, js))
+    missing = next((t for t in ("tensorboard", "wandb") if importlib.util.find_spec(t) is None), None)
+    if missing is not None:
+        with pytest.raises(ValueError, match=f"log_with={missing!r} needs the {missing} package"):
+            DistillConfig(log_with=(missing,)).check()

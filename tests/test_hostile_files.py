@@ -103,7 +103,8 @@ def test_checkpoints_hold_no_pickled_objects(finished_run):
     for the optimizer, LR schedule and RNG states (verified before loading), no custom pickle."""
     ckpt = finished_run / "checkpoints" / "checkpoint-0000002"
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["ema.safetensors", "fewstep_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.bin"]
+    assert names == ["ema.safetensors", "fewstep_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                     "sampling_ema.safetensors", "scheduler.bin"]
     state = json.loads((ckpt / "fewstep_state.json").read_text())
     assert state["format"] == "fewstep-checkpoint/1" and state["step"] == 2 and state["ema"] is True
     from fewstep.distill.checkpoint import verify_checkpoint

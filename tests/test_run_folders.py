@@ -277,7 +277,7 @@ def _distiller(out, steps=2, resume=None, lr=1e-3, **kw):
 def test_a_second_run_in_a_run_folder_is_refused_unless_resumed(tmp_path, one_thread, monkeypatch, capsys):
     out = tmp_path / "out"
     _distiller(out).train()
-    with pytest.raises(ValueError, match=r"out holds a distillation run \(checkpoints, metrics.jsonl, student\); pass resume='latest'"):
+    with pytest.raises(ValueError, match=r"out holds a distillation run \(checkpoints, metrics.csv, metrics.jsonl, student\); pass resume='latest'"):
         _distiller(out)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.txt").write_text("x")

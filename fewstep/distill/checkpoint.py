@@ -11,8 +11,11 @@ which the next run deletes.  ``resume="latest"`` picks the highest step.  What a
   ``LOCAL_STATE_DICT``).  No object is registered with accelerate, so there is no
   ``custom_checkpoint_<n>.pkl``: accelerate 1.x reads those with ``torch.load(weights_only=False)``,
   which runs whatever a crafted file asks.
-* fewstep's own state: ``ema.safetensors`` (the EMA target network) and ``fewstep_state.json``
-  (step, skipped steps, objective, the training settings).
+* fewstep's own state: ``ema.safetensors`` (the EMA target network), ``sampling_ema.safetensors``
+  (the sampling EMA's shadow weights), ``lora.safetensors`` (a LoRA student's trainable
+  parameters, written instead of accelerate's ``model.safetensors``: the frozen base is not
+  saved) and ``fewstep_state.json`` (step, skipped steps, objective, the position in a streaming
+  data source, the training settings).
 
 Before anything is loaded, :func:`verify_checkpoint` checks the folder: a ``custom_checkpoint_*.pkl``
 or a ``torch.distributed.checkpoint`` folder (whose ``.metadata`` torch reads with ``pickle.load``)
@@ -42,6 +45,8 @@ _TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "fewstep_state.json"
 EMA_FILE = "ema.safetensors"
 STATE_FORMAT = "fewstep-checkpoint/1"
+SAMPLING_EMA_FILE = "sampling_ema.safetensors"  # fewstep.distill.ema writes it
+LORA_FILE = "lora.safetensors"  # the trainer's LoRA checkpoint hook writes it
 _FOREIGN_FIX = (
     "fewstep resumes only checkpoints written by its own trainer (fewstep >= 0.1 with safetensors state); resume from "
     "another checkpoint, or start a new run in another output folder"
@@ -129,6 +134,8 @@ def verify_checkpoint(
     ema: bool | None = None,
     fsdp: bool | None = None,
     objective: str | None = None,
+    sampling_ema: bool | None = None,
+    lora: bool | None = None,
 ) -> dict[str, Any]:
     """Check a checkpoint folder before anything in it is loaded (see the module docstring) and
     return its ``fewstep_state.json``.  ``ema``, ``fsdp`` and ``objective`` describe the run about
@@ -178,10 +185,27 @@ def verify_checkpoint(
         )
     if state["ema"] and not (folder / EMA_FILE).is_file():
         raise ValueError(f"{folder} lacks {EMA_FILE} (the EMA target network); {_FOREIGN_FIX}")
+    for key, value, what in (("sampling_ema", sampling_ema, "a sampling EMA (sampling_ema)"), ("lora", lora, "LoRA adapters")):
+        have = state.get(key, False)
+        if not isinstance(have, bool):
+            raise ValueError(f"{state_path} is not a fewstep checkpoint state ({key!r} malformed); {_FOREIGN_FIX}")
+        if value is not None and have != value:
+            raise ValueError(
+                f"{folder} {'has' if have else 'has no'} {what}, this run {'has' if value else 'has none'}; resume with the "
+                "same settings, or start this run in another output folder"
+            )
+    if state.get("sampling_ema") and not (folder / SAMPLING_EMA_FILE).is_file():
+        raise ValueError(f"{folder} lacks {SAMPLING_EMA_FILE} (the sampling EMA); {_FOREIGN_FIX}")
+    data = state.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{state_path} is not a fewstep checkpoint state ('data' malformed); {_FOREIGN_FIX}")
     names = {p.name for p in files}
-    if fsdp is False and "model.safetensors" not in names:
+    if state.get("lora"):
+        if LORA_FILE not in names:
+            raise ValueError(f"{folder} lacks {LORA_FILE} (the LoRA student's trainable parameters); {_FOREIGN_FIX}")
+    elif fsdp is False and "model.safetensors" not in names:
         raise ValueError(f"{folder} lacks model.safetensors (the student's weights); {_FOREIGN_FIX}")
-    if fsdp is None and "model.safetensors" not in names and not any(n.startswith("pytorch_model_fsdp") for n in names):
+    elif fsdp is None and "model.safetensors" not in names and not any(n.startswith("pytorch_model_fsdp") for n in names):
         raise ValueError(f"{folder} holds no student weights (model.safetensors); {_FOREIGN_FIX}")
     for p in files:
         if p.name.lower().endswith(PICKLE_SUFFIXES):

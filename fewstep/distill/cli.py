@@ -57,7 +57,10 @@ def add_distill_parser(sub: Any) -> None:
         help="what the student network predicts; it starts from the teacher's weights either way "
         "(default: the teacher's; v_prediction for the embedded digits teacher)",
     )
-    d.add_argument("--data", type=Path, default=None, help="training data: .pt/.npy tensor (N, C, H, W) in [-1, 1], .pt dict, or image folder")
+    d.add_argument("--data", type=Path, default=None,
+                   help="training data: .pt/.npy tensor (N, C, H, W) in [-1, 1], .pt dict, a folder of images, a folder of "
+                   "image-caption pairs (name.png + name.txt) or of webdataset .tar shards (with a text-to-image --teacher), "
+                   "or a folder of latent shards written by --precompute")
     d.add_argument("--steps", type=check.positive_int, default=None, help=f"training steps (default: {DIGITS_DEFAULTS['steps']})")
     d.add_argument("--batch-size", type=check.positive_int, default=None,
                    help=f"global batch, divisible by processes x --grad-accum (default: {DIGITS_DEFAULTS['batch_size']})")
@@ -88,6 +91,28 @@ def add_distill_parser(sub: Any) -> None:
         "more threads than free cores slows PyTorch's CPU kernels down many times)",
     )
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = d.add_argument_group("latent consistency distillation (--objective lcd) of a text-to-image pipeline")
+    g.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters (LCM-LoRA) instead of the full UNet; the student folder holds them in diffusers' LoRA format")
+    g.add_argument("--lora-rank", type=check.positive_int, default=None, help="LoRA rank (default: 64, the LCM-LoRA SDXL script's)")
+    g.add_argument("--guidance-range", type=check.number_range, default=None,
+                   help="W_MIN,W_MAX of the guidance scale drawn per sample, diffusers' convention (w = 1: no guidance; "
+                   "default 6,16 for the full UNet, 4,16 with --lora)")
+    g.add_argument("--skip", type=check.positive_int, default=None, help="DDIM grid steps spanned by one teacher step (default: 1)")
+    g.add_argument("--resolution", type=check.positive_int, default=None,
+                   help="pixel size of the square training crops of image-text data (default: the VAE's sample_size)")
+    g.add_argument("--precompute", type=Path, default=None,
+                   help="encode --data (image-caption pairs) once with the teacher's VAE and text encoders into latent shards "
+                   "in this folder and exit; later runs take --data FOLDER")
+    g.add_argument("--validation-prompts", nargs="+", default=None, metavar="PROMPT",
+                   help="prompts sampled with the student every --validate-every steps and at the end, VAE-decoded into "
+                   "OUT/validation/step-N.png")
+    s = d.add_argument_group("scale")
+    s.add_argument("--tf32", action="store_true", help="TF32 matrix products on Ampere+ GPUs")
+    s.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="adamw8bit needs bitsandbytes")
+    s.add_argument("--log-with", type=check.name_list, default=None,
+                   help="tensorboard and/or wandb, comma-separated (metrics.csv and metrics.jsonl are always written)")
+    s.add_argument("--num-workers", type=check.nonnegative_int, default=2, help="DataLoader workers decoding image-text data (default: %(default)s)")
     d.set_defaults(func=cmd_distill)
 
 
@@ -174,10 +199,91 @@ def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any
     if args.objective == "ict":
         return ICT(**({"loss": args.loss} if args.loss is not None else {}))
     if args.objective == "lcd":
-        return LCD(uncond=uncond or None, num_ddim_steps=50 if n is None else n, teacher_sampler=sampler, **common)
+        lcd: dict[str, Any] = {"skip": 1 if args.skip is None else args.skip, "guidance_range": args.guidance_range}
+        if args.lora:
+            lcd.update(guidance_embedding=False, target_ema=0.0)
+        return LCD(uncond=uncond or None, num_ddim_steps=50 if n is None else n, teacher_sampler=sampler, **lcd, **common)
     if args.objective == "mcd":
         return MCD(32 if n is None else n, segments=4 if args.segments is None else args.segments, teacher_sampler=sampler, **common)
     return CD(DIGITS_DEFAULTS["num_intervals"] if n is None else n, teacher_sampler=sampler, **common)
+
+
+#: LoRA target modules of diffusers' train_lcm_distill_lora_sdxl.py (LCM-LoRA)
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+TEXT_DATA = ("image_text", "tar")
+
+
+def _data_kind(path: Path) -> str:
+    """What ``--data`` holds: ``tensor`` (.pt/.npy), ``tar`` (webdataset shards), ``latents``
+    (a --precompute folder), ``image_text`` (images with caption files) or ``images``."""
+    from fewstep._util import IMAGE_EXTENSIONS
+    from fewstep.distill.stream import CAPTION_EXTENSIONS
+
+    if path.is_file():
+        return "tar" if path.suffix == ".tar" else "tensor"
+    if (path / "index.json").is_file():
+        return "latents"
+    if any(path.glob("*.tar")):
+        return "tar"
+    images = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if any(p.with_suffix(e).is_file() for p in images for e in CAPTION_EXTENSIONS):
+        return "image_text"
+    return "images"
+
+
+def _text_pipeline(folder: Path) -> bool:
+    """A text-to-image pipeline folder: VAE, tokenizer and text encoder next to the UNet."""
+    return all((folder / sub).is_dir() for sub in ("vae", "tokenizer", "text_encoder"))
+
+
+def _check_lcd_options(args: argparse.Namespace, kind: str | None) -> None:
+    """The LCD / LoRA / image-text options: only where they apply, and consistent."""
+    lcd_only = [k for k, v in (("--lora", args.lora or None), ("--guidance-range", args.guidance_range), ("--skip", args.skip))
+                if v is not None]
+    if lcd_only and args.objective != "lcd":
+        raise UsageError(f"{', '.join(lcd_only)} {'applies' if len(lcd_only) == 1 else 'apply'} to --objective lcd only")
+    if args.lora_rank is not None and not args.lora:
+        raise UsageError(f"--lora-rank {args.lora_rank} needs --lora")
+    if args.lora:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise UsageError("--lora needs peft (pip install 'fewstep[lora]')")
+        if args.target_ema:
+            raise UsageError(f"--target-ema {args.target_ema} with --lora: LCM-LoRA's target is the student itself (stop-gradient); "
+                             "leave --target-ema out")
+        if args.student is not None:
+            raise UsageError("--student with --lora: the LoRA student is the teacher's own UNet with adapters; leave --student out")
+    if args.skip is not None:
+        n = 50 if args.num_intervals is None else args.num_intervals
+        if args.skip > n:
+            raise UsageError(f"--skip {args.skip} exceeds the {n} DDIM steps of --num-intervals")
+    if args.resolution is not None and kind not in TEXT_DATA and args.precompute is None:
+        raise UsageError(f"--resolution {args.resolution} applies to image-caption --data (folders of name.png + name.txt, or .tar shards)")
+    if args.precompute is not None:
+        if kind not in TEXT_DATA:
+            raise UsageError(f"--precompute {str(args.precompute)!r} encodes image-caption --data (name.png + name.txt, or .tar shards); "
+                             f"--data {str(args.data)!r} holds none")
+        if args.resume is not None:
+            raise UsageError("--precompute writes latent shards and exits; it takes no --resume")
+        check.output_dir(args.precompute, "--precompute")
+        if args.precompute.is_dir() and any(args.precompute.iterdir()):
+            raise UsageError(f"--precompute {str(args.precompute)!r} is not empty; give a new or empty folder")
+    if args.log_with:
+        from fewstep.distill.trainer import TRACKERS
+        import importlib.util
+
+        for t in args.log_with:
+            if t not in TRACKERS:
+                raise UsageError(f"--log-with {t!r}: choose from {', '.join(TRACKERS)} (metrics.csv is always written)")
+            if importlib.util.find_spec(TRACKERS[t]) is None:
+                raise UsageError(f"--log-with {t}: the {TRACKERS[t]} package is not installed (pip install {TRACKERS[t]})")
+    if args.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("--optimizer adamw8bit: bitsandbytes is not installed (pip install bitsandbytes); use --optimizer adamw")
 
 
 def _check_distill(args: argparse.Namespace) -> None:
@@ -199,15 +305,41 @@ def _check_distill(args: argparse.Namespace) -> None:
         if args.data is None:
             raise UsageError("--teacher needs --data (the training images or latents: a .pt/.npy tensor (N, C, H, W) in "
                              "[-1, 1], a .pt dict, or a folder of images)")
-        what = "give a .pt/.pth/.npy tensor file or a folder of images"
+        what = "give a .pt/.pth/.npy tensor file, a folder of images, of image-caption pairs, of .tar shards or of latent shards"
         check.existing_path(args.data, "--data", what=what)
-        if args.data.is_dir():
-            check.image_folder(args.data, "--data", same_size=False)
-        elif args.data.suffix not in (".pt", ".pth", ".npy"):
+        kind = _data_kind(args.data)
+        if kind == "tensor" and args.data.suffix not in (".pt", ".pth", ".npy"):
             raise UsageError(f"--data {str(args.data)!r}: {what}")
-        if objective == "lcd" and args.data.is_dir():
-            raise UsageError("--objective lcd needs conditioning with the data: a .pt dict with 'data' (or 'latents'), "
-                             "e.g. 'encoder_hidden_states', and 'uncond'; an image folder has none")
+        if kind in ("images", "image_text"):
+            check.image_folder(args.data, "--data", same_size=False)
+        if kind in TEXT_DATA or args.validation_prompts:
+            if not _text_pipeline(args.teacher):
+                need = "image-caption --data" if kind in TEXT_DATA else "--validation-prompts"
+                raise UsageError(f"{need} needs a text-to-image --teacher pipeline folder with vae/, tokenizer/ and text_encoder/ "
+                                 f"(for the VAE and text encoders); {str(args.teacher)!r} has no {', '.join(x for x in ('vae', 'tokenizer', 'text_encoder') if not (args.teacher / x).is_dir())}")
+        try:
+            if kind == "image_text":
+                from fewstep.distill.stream import ImageTextFolder
+
+                ImageTextFolder(args.data)
+            elif kind == "tar":
+                from fewstep.distill.stream import TarShards
+
+                TarShards(args.data)
+            elif kind == "latents":
+                from fewstep.distill.stream import LatentShards
+
+                LatentShards(args.data)
+        except ValueError as err:
+            raise UsageError(f"--data {str(args.data)!r}: {err}") from None
+        if objective == "lcd" and kind == "images":
+            raise UsageError("--objective lcd needs conditioning with the data: image-caption pairs (name.png + name.txt), "
+                             ".tar shards, latent shards, or a .pt dict with 'data' (or 'latents'), e.g. 'encoder_hidden_states', "
+                             "and 'uncond'; an image folder without captions has none")
+        args._data_kind = kind
+    if digits and (args.validation_prompts or args.precompute is not None):
+        raise UsageError("--validation-prompts and --precompute need a text-to-image --teacher pipeline folder and image-caption --data")
+    _check_lcd_options(args, getattr(args, "_data_kind", None))
     if args.student is not None:
         check.existing_path(args.student, "--student", folder=True, what="give a diffusers model folder (model.save_pretrained(folder))")
         cfg = args.student / "config.json"
@@ -275,38 +407,64 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from fewstep.eval.frechet import frechet_distance_from_features  # noqa: F401  (fail early if eval is broken)
 
     digits = args.teacher is None
+    kind = "digits" if digits else args._data_kind
     objective = None if args.objective == "lcd" else _objective(args, {})  # its own checks, before anything is loaded
     on_cpu = args.cpu or digits or not torch.cuda.is_available()
     if args.threads is not None or on_cpu:
         torch.set_num_threads(1 if args.threads is None else args.threads)
     features = reference_features = None
+    encoder = None
     if digits:
         from fewstep.eval.features import digits_features
         from fewstep.models.embedded import digits_denoiser, digits_images, digits_scheduler_config
 
         teacher = digits_denoiser()
         sched_cfg = digits_scheduler_config()
-        data, cond, uncond = digits_images("train"), {}, {}
+        source, uncond = TensorData(digits_images("train")), {}
         if args.student_prediction_type is None and args.student is None:
             args.student_prediction_type = DIGITS_DEFAULTS["student_prediction_type"]
         features = digits_features()
         reference_features = features(digits_images("test"))
     else:
         net_cfg = _read_json(args.teacher / "unet" / "config.json", "--teacher")
-        size = net_cfg.get("sample_size", 64)
-        size = int(size if isinstance(size, int) else size[0])
         channels = int(net_cfg.get("in_channels", 3))
-        data, cond, uncond = _load_data(args.data, size, channels)  # the data first: a wrong file fails before the teacher loads
-        if data.ndim < 2 or data.shape[0] < 1:
-            raise UsageError(f"--data {str(args.data)!r} holds a tensor of shape {tuple(data.shape)}; expected (N, C, H, W)")
-        if data.ndim == 4 and data.shape[1] != channels:
-            raise UsageError(f"--data {str(args.data)!r} holds {data.shape[1]}-channel data (shape {tuple(data.shape)}), but the "
+        if kind in TEXT_DATA or args.validation_prompts:
+            from fewstep.distill.encode import PipelineEncoder
+
+            encoder = PipelineEncoder.from_folder(args.teacher, resolution=args.resolution)
+        if kind in TEXT_DATA:
+            from fewstep.distill.stream import ImageTextData, ImageTextFolder, TarShards
+
+            source = ImageTextData(ImageTextFolder(args.data) if kind == "image_text" else TarShards(args.data), encoder)
+            if args.precompute is not None:
+                from fewstep.distill.stream import precompute
+
+                rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+                device = "cpu" if on_cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                precompute(source, args.precompute, device=device, seed=args.seed, rank=rank, world=world)
+                if rank == 0:
+                    print(f"{source.num_examples} examples encoded into {args.precompute} (train on them with --data {args.precompute})")
+                return 0
+            uncond = None  # the encoder builds the recipe's unconditional inputs
+        elif kind == "latents":
+            from fewstep.distill.stream import LatentShards
+
+            source, uncond = LatentShards(args.data), None
+        else:
+            size = net_cfg.get("sample_size", 64)
+            size = int(size if isinstance(size, int) else size[0])
+            data, cond, uncond = _load_data(args.data, size, channels)  # the data first: a wrong file fails before the teacher loads
+            if data.ndim < 2 or data.shape[0] < 1:
+                raise UsageError(f"--data {str(args.data)!r} holds a tensor of shape {tuple(data.shape)}; expected (N, C, H, W)")
+            if args.objective == "lcd" and not cond:
+                raise UsageError(f"--objective lcd needs conditioning in --data {str(args.data)!r} (a .pt dict with "
+                                 "encoder_hidden_states and uncond)")
+            source = TensorData(data, cond)
+        if len(source.shape) == 3 and source.shape[0] != channels:
+            raise UsageError(f"--data {str(args.data)!r} holds {source.shape[0]}-channel data (shape {tuple(source.shape)}), but the "
                              f"teacher's network takes {channels} channels")
-        if args.objective == "lcd" and not cond:
-            raise UsageError(f"--objective lcd needs conditioning in --data {str(args.data)!r} (a .pt dict with "
-                             "encoder_hidden_states and uncond)")
         if objective is None:
-            objective = _objective(args, uncond)
+            objective = _objective(args, uncond or {})
         teacher, sched_cfg = _load_teacher(args.teacher)
     student = None
     if args.student is not None:
@@ -319,6 +477,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
         import copy
 
         student = copy.deepcopy(teacher.model)  # the teacher's weights, re-read as another prediction type
+    lora = None
+    if args.lora:
+        from peft import LoraConfig
+
+        rank = 64 if args.lora_rank is None else args.lora_rank
+        present = {n.rsplit(".", 1)[-1] for n, _ in teacher.model.named_modules()}
+        lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=[t for t in LCM_LORA_TARGETS if t.rsplit(".", 1)[-1] in present])
     steps = DIGITS_DEFAULTS["steps"] if args.steps is None else args.steps
     validate_every = args.validate_every if args.validate_every is not None else (DIGITS_DEFAULTS["validate_every"] if digits else 0)
     config = DistillConfig(
@@ -339,48 +504,97 @@ def cmd_distill(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         cpu=args.cpu or digits,
         log_every=max(1, min(50, steps)),
+        tf32=args.tf32,
+        optimizer=args.optimizer,
+        log_with=tuple(args.log_with or ()),
+        num_workers=args.num_workers,
     )
     config.check()
-    n_probe = DIGITS_DEFAULTS["probe_samples"] if args.probe_samples is None else args.probe_samples
-    shape = tuple(data.shape[1:])
-    g = torch.Generator().manual_seed(args.seed + 12345)
-    noise = torch.randn((n_probe, *shape), generator=g)
-    probe_cond = None
-    if args.objective == "lcd":
-        probe_cond = {k: v[:1].expand(n_probe, *v.shape[1:]) for k, v in cond.items()}
-    with torch.no_grad():
-        ref = fewstep_sample(teacher, noise, "dpmpp_3m", 50, probe_cond)
-    probe = QualityProbe(noise, teacher.schedule, ref, features, reference_features, probe_cond)
-    small = QualityProbe(noise[:256], teacher.schedule, ref[:256], features, reference_features, probe_cond)
-
-    def validator(student_model: Any, step: int) -> dict[str, float]:
-        return small.flat(small.student(student_model, objective.sampler, (1, 2, 4), objective.sampler_options()))
-
+    default_probe = DIGITS_DEFAULTS["probe_samples"] if digits or kind not in (*TEXT_DATA, "latents") else 16
+    n_probe = default_probe if args.probe_samples is None else args.probe_samples
     distiller = Distiller(
         objective,
-        TensorData(data, cond),
+        source,
         teacher,
         student,
         prediction_type=args.student_prediction_type,
-        guidance_embedding_dim=256 if args.objective == "lcd" else None,
+        lora=lora,
+        guidance_embedding_dim=256 if args.objective == "lcd" and not args.lora else None,
         scheduler_config=sched_cfg,
-        validator=validator if validate_every else None,
         config=config,
-    )
+    )  # LCD's unconditional inputs come from the data's encoder here when --data carries text
+    probe_teacher, probe_cond, student_cond, w = teacher, None, None, None
+    if args.objective == "lcd":  # the quality probe of LCD: the guided teacher at the probe's guidance scale
+        from fewstep.models import ClassifierFreeGuidance
+
+        w = sum(objective.guidance_range) / 2
+        probe_cond = _probe_conditioning(source, n_probe, args.seed)
+        probe_teacher = ClassifierFreeGuidance(distiller.teacher, w, objective.uncond)
+        student_cond = {**probe_cond, "guidance_scale": w} if objective.guidance_embedding else probe_cond
+    shape = tuple(source.shape)
+    g = torch.Generator().manual_seed(args.seed + 12345)
+    noise = torch.randn((n_probe, *shape), generator=g)
+    with torch.no_grad():
+        ref = fewstep_sample(probe_teacher, noise, "dpmpp_3m", 50, probe_cond)
+    probe = QualityProbe(noise, teacher.schedule, ref, features, reference_features, probe_cond, student_cond)
+    k_small = min(256, n_probe)
+    small = QualityProbe(noise[:k_small], teacher.schedule, ref[:k_small], features, reference_features,
+                         _rows(probe_cond, k_small), _rows(student_cond, k_small))
+    images = None
+    if args.validation_prompts:
+        from fewstep.distill.validate import ValidationImages
+
+        images = ValidationImages(encoder, args.validation_prompts, args.out / "validation", objective.sampler,
+                                  objective.sampler_options(), guidance_scale=w if objective.guidance_embedding else None, seed=args.seed)
+
+    def validator(student_model: Any, step: int) -> dict[str, float]:
+        scores = small.flat(small.student(student_model, objective.sampler, (1, 2, 4), objective.sampler_options()))
+        if images is not None:
+            scores.update(images(student_model, step))
+        return scores
+
+    distiller.validator = validator if (validate_every or images is not None) else None
     # The teacher is frozen: score it now, before training stores it in the autocast dtype.
-    teacher_rows = [("teacher (dpmpp_2m)", k, s) for k, s in probe.teacher(teacher, "dpmpp_2m", (10, 50)).items()]
+    teacher_name = f"teacher (dpmpp_2m{f', w={w:g}' if w is not None else ''})"
+    teacher_rows = [(teacher_name, k, s) for k, s in probe.teacher(probe_teacher, "dpmpp_2m", (10, 50)).items()]
     result = distiller.train()
     if result.student_dir is None or int(os.environ.get("RANK", "0")) != 0:
         return 0
     from fewstep.distill.export import load_student
 
-    loaded = load_student(result.student_dir)
+    loaded = load_student(result.student_dir, base=args.teacher / "unet" if args.lora else None)
     rows = [(f"student ({objective.name}, {loaded.sampler})", k, s) for k, s in probe.student(loaded.denoiser, loaded.sampler, (1, 2, 4), loaded.sampler_options).items()]
     rows += teacher_rows
     _print_table(rows, digits)
     atomic_write_json(args.out / "quality.json", [{"model": m, "nfe": k, **s} for m, k, s in rows], indent=1)
-    print(f"student saved to {result.student_dir} (load with fewstep.distill.load_student)")
+    print(f"student saved to {result.student_dir} (load with fewstep.distill.load_student"
+          f"{', base=the teacher UNet; or pipe.load_lora_weights(folder)' if args.lora else ''})")
     return 0
+
+
+def _rows(cond: Any, n: int) -> Any:
+    """The first ``n`` rows of every per-sample tensor of a conditioning structure."""
+    from fewstep._util import tree_map
+
+    if cond is None:
+        return None
+    return tree_map(lambda v: v[:n] if v.ndim >= 1 and v.shape[0] > 1 else v, cond)
+
+
+def _probe_conditioning(source: Any, n: int, seed: int) -> dict[str, Any]:
+    """``n`` rows of conditioning for the quality probe: the first examples of the data (their
+    prompts), repeated as needed."""
+    from fewstep._util import tree_map
+    from fewstep.distill import sample_generators
+
+    if getattr(source, "streaming", False):
+        k = min(n, source.num_examples, 64)
+        _, cond = source.prepare(source.read(range(k), seed), sample_generators(seed, 2**61, range(k)), "cpu")
+    else:
+        k = min(n, source.data.shape[0])
+        cond = tree_map(lambda v: v[:k], source.cond)
+    idx = torch.arange(n) % k
+    return tree_map(lambda v: v.detach().cpu()[idx], cond)
 
 
 def fewstep_sample(teacher: Any, noise: torch.Tensor, sampler: str, nfe: int, cond: Any) -> torch.Tensor:

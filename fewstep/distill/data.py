@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fewstep._util import image_files, load_images, load_torch_file, seeded_generator
+from fewstep._util import image_files, load_images, load_torch_file, seeded_generator, tree_map
 
 __all__ = [
     "sample_generators",
@@ -60,7 +60,9 @@ class DataSource(Protocol):
     """Anything that draws a batch from per-sample generators.
 
     ``sample(gens, device)`` returns ``(x0, cond)``: the clean data (B, ...) and the conditioning
-    passed to teacher and student (tensors with B rows travel with their sample)."""
+    passed to teacher and student (tensors with B rows travel with their sample, also inside
+    nested dicts).  Sources too large for memory are *streaming* sources instead
+    (:mod:`fewstep.distill.stream`: ``streaming = True``, read by position, resumable)."""
 
     shape: tuple[int, ...]
 
@@ -69,27 +71,37 @@ class DataSource(Protocol):
 
 class TensorData:
     """Items of a tensor (N, ...) drawn uniformly with replacement, with optional per-item
-    conditioning tensors (N, ...) (e.g. text-encoder states for LCD).
+    conditioning (e.g. text-encoder states for LCD), held in memory: for small data.  Streaming
+    image-text data and precomputed latent shards are :mod:`fewstep.distill.stream`.
 
     Args:
         data: (N, ...) clean training data (images or VAE latents, already scaled).
-        cond: per-item conditioning, each a tensor with N rows.
+        cond: per-item conditioning: tensors with N rows, or nested dicts of them (SDXL's
+            ``{"encoder_hidden_states": ..., "added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}``).
         dtype: the dtype the batch is returned in.
     """
 
-    def __init__(self, data: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, data: torch.Tensor, cond: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32):
         if not isinstance(data, torch.Tensor) or data.ndim < 2 or data.shape[0] < 1:
             raise ValueError("data must be a tensor of shape (N, ...) with at least one item")
         self.data = data.detach().to(dtype)
-        self.cond = {k: v.detach() for k, v in (cond or {}).items()}
-        for k, v in self.cond.items():
-            if not isinstance(v, torch.Tensor) or v.shape[0] != data.shape[0]:
-                raise ValueError(f"conditioning {k!r} must be a tensor with one row per data item ({data.shape[0]})")
+        n = data.shape[0]
+
+        def check(v: Any) -> torch.Tensor:
+            if v.shape[0] != n:
+                raise ValueError(f"every conditioning tensor must have one row per data item ({n}), got shape {tuple(v.shape)}")
+            return v.detach()
+
+        cond = dict(cond or {})
+        bad = [k for k, v in cond.items() if not isinstance(v, (torch.Tensor, dict))]
+        if bad:
+            raise ValueError(f"conditioning {bad[0]!r} must be a tensor with one row per data item ({n}) or a dict of them")
+        self.cond = tree_map(check, cond)
         self.shape = tuple(data.shape[1:])
 
     def sample(self, gens: Sequence[torch.Generator], device: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         idx = randint(gens, self.data.shape[0])
-        return self.data[idx].to(device), {k: v[idx].to(device) for k, v in self.cond.items()}
+        return self.data[idx].to(device), tree_map(lambda v: v[idx].to(device), self.cond)
 
 
 class MixtureData:

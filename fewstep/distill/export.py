@@ -2,7 +2,9 @@
 
 Layout of a saved student folder::
 
-    unet/                       network.save_pretrained(...)  (config.json + safetensors)
+    unet/                       network.save_pretrained(...)  (config.json + safetensors); or, for
+    pytorch_lora_weights.safetensors   a LoRA student, its adapter in diffusers' LoRA format, which
+                                ``pipe.load_lora_weights(folder)`` then ``pipe.fuse_lora()`` read
     scheduler/                  FewstepScheduler config: the schedule and the recorded sampler
     fewstep_student.json        objective, schedule, parameterisation (prediction type, boundary
                                 condition), guidance convention, sampler name and options
@@ -38,7 +40,10 @@ from fewstep._util import atomic_write_json, default_permissions, fsync_dir, req
 from fewstep.distill.student import BoundaryCondition, ConsistencyStudent
 from fewstep.schedules import NoiseSchedule, VPDiscrete, from_config
 
-__all__ = ["STUDENT_META", "save_student", "load_student", "DistilledStudent", "scheduler_config_for"]
+__all__ = ["STUDENT_META", "LORA_WEIGHTS", "save_student", "save_lora_student", "load_student", "DistilledStudent", "scheduler_config_for", "lora_state_dict"]
+
+#: diffusers' LoRA file name: ``pipe.load_lora_weights(student_folder)`` finds it
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 STUDENT_META = "fewstep_student.json"
 FORMAT_VERSION = 1
@@ -93,6 +98,96 @@ def _check_student_target(folder: Path) -> None:
             )
 
 
+def _student_meta(student: ConsistencyStudent, description: Mapping[str, Any], network: Mapping[str, Any]) -> dict[str, Any]:
+    meta = {
+        "format": FORMAT_VERSION,
+        "fewstep_version": fewstep.__version__,
+        "network": dict(network),
+        **student.describe(),
+        **dict(description),
+    }
+    if "sampler" not in meta:
+        raise ValueError("the description must name the sampler the student is meant for")
+    return meta
+
+
+def _write_student_folder(folder: str | os.PathLike, student: ConsistencyStudent, meta: Mapping[str, Any],
+                          scheduler_config: Mapping[str, Any] | None, write_network: Any) -> Path:
+    """Write ``folder`` under a temporary name next to it (``write_network(tmp)`` writes the
+    weights) and swap it into place."""
+    folder = Path(folder)
+    given, folder = folder, Path(os.path.abspath(folder))
+    _check_student_target(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        write_network(tmp)
+        sched = scheduler_config_for(student.schedule, student.prediction_type, scheduler_config)
+        if sched is not None:
+            from fewstep import FewstepScheduler
+
+            FewstepScheduler(
+                **sched,
+                sampler=meta["sampler"],
+                sampler_options=dict(meta.get("sampler_options") or {}),
+                boundary_condition=student.boundary.config(),
+            ).save_config(tmp / "scheduler")
+        atomic_write_json(tmp / STUDENT_META, dict(meta), indent=1, sort_keys=True)
+        os.chmod(tmp, default_permissions(folder=True))
+        _swap_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return given
+
+
+def lora_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of a network carrying peft LoRA adapters (diffusers' peft
+    integration), in peft's key format, with each layer's scaling ``lora_alpha / r`` folded into
+    ``lora_B``: diffusers' ``load_lora_weights`` of a file without alphas sets ``lora_alpha = r``
+    (scaling 1) on every diffusers version fewstep supports, so the file reproduces the trained
+    adapter whatever ``lora_alpha`` was.  DoRA adapters are refused (their magnitude vectors do not
+    fold)."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(network).items()}
+    if any("magnitude" in k for k in sd):
+        raise ValueError("DoRA adapters (use_dora=True) cannot be saved in diffusers' plain LoRA format; train with use_dora=False")
+    for name, mod in network.named_modules():
+        scaling = getattr(mod, "scaling", None)
+        key = f"{name}.lora_B.weight"
+        if isinstance(scaling, dict) and key in sd:
+            if len(scaling) != 1:
+                raise ValueError(f"{name} carries {len(scaling)} adapters; fewstep saves a student with one LoRA adapter")
+            sd[key] = sd[key] * float(next(iter(scaling.values())))
+    return sd
+
+
+def save_lora_student(
+    folder: str | os.PathLike,
+    student: ConsistencyStudent,
+    description: Mapping[str, Any],
+    scheduler_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a LoRA student: its adapter as ``pytorch_lora_weights.safetensors`` in diffusers'
+    LoRA format (the base weights are not written: they are the teacher's), the scheduler and
+    ``fewstep_student.json``.  ``pipe.load_lora_weights(folder)`` and ``pipe.fuse_lora()`` then
+    give the student in any diffusers pipeline of the teacher; :func:`load_student` with
+    ``base=`` the teacher's network gives the consistency function."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    net = student.network
+    sd = lora_state_dict(net)
+    meta = _student_meta(student, description, {"class": _class_path(net), "subfolder": None,
+                                                 "lora": {"weights": LORA_WEIGHTS, "format": "diffusers", "alpha": "folded into lora_B"}})
+
+    def write(tmp: Path) -> None:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(str(tmp), unet_lora_layers=sd, safe_serialization=True)
+        if not (tmp / LORA_WEIGHTS).is_file():
+            raise RuntimeError(f"internal error: diffusers did not write {LORA_WEIGHTS}")
+
+    return _write_student_folder(folder, student, meta, scheduler_config, write)
+
+
 def save_student(
     folder: str | os.PathLike,
     student: ConsistencyStudent,
@@ -106,41 +201,14 @@ def save_student(
     (``save_pretrained``).  The folder is written under a unique temporary name next to
     ``folder`` and swapped into place; an existing ``folder`` is replaced only if it is empty or a
     student folder (a regular ``fewstep_student.json``), never a link, a file or another folder."""
-    folder = Path(folder)
     net = student.network
     if not hasattr(net, "save_pretrained"):
         raise TypeError(f"{type(net).__name__} has no save_pretrained; the student network must be a diffusers model")
-    meta = {
-        "format": FORMAT_VERSION,
-        "fewstep_version": fewstep.__version__,
-        "network": {"class": _class_path(net), "subfolder": _NETWORK_DIR},
-        **student.describe(),
-        **dict(description),
-    }
-    if "sampler" not in meta:
-        raise ValueError("the description must name the sampler the student is meant for")
-    given, folder = folder, Path(os.path.abspath(folder))
-    _check_student_target(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
-        net.save_pretrained(tmp / _NETWORK_DIR, safe_serialization=True)
-        sched = scheduler_config_for(student.schedule, student.prediction_type, scheduler_config)
-        if sched is not None:
-            from fewstep import FewstepScheduler
-
-            FewstepScheduler(
-                **sched,
-                sampler=meta["sampler"],
-                sampler_options=dict(meta.get("sampler_options") or {}),
-                boundary_condition=student.boundary.config(),
-            ).save_config(tmp / "scheduler")
-        atomic_write_json(tmp / STUDENT_META, meta, indent=1, sort_keys=True)
-        os.chmod(tmp, default_permissions(folder=True))
-        _swap_into_place(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return given
+    if getattr(net, "peft_config", None):
+        raise ValueError("the student carries LoRA adapters: save it with save_lora_student (diffusers' LoRA format)")
+    meta = _student_meta(student, description, {"class": _class_path(net), "subfolder": _NETWORK_DIR})
+    return _write_student_folder(folder, student, meta, scheduler_config,
+                                 lambda tmp: net.save_pretrained(tmp / _NETWORK_DIR, safe_serialization=True))
 
 
 def _swap_into_place(new: Path, folder: Path) -> None:
@@ -200,10 +268,13 @@ class DistilledStudent:
             return fewstep.sample(self.denoiser, noise, self.sampler, nfe, cond=cond, generator=generator, **{**self.sampler_options, **options})
 
 
-def load_student(folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DistilledStudent:
-    """Load a folder written by :func:`save_student` (or ``fewstep distill``).  Only safetensors
-    weights are read (a folder with only a pickled ``.bin`` is refused with how to convert it) and
-    only diffusers / fewstep network classes are imported."""
+def load_student(folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 base: torch.nn.Module | str | os.PathLike | None = None) -> DistilledStudent:
+    """Load a folder written by :func:`save_student` / :func:`save_lora_student` (or ``fewstep
+    distill``).  Only safetensors weights are read (a folder with only a pickled ``.bin`` is
+    refused with how to convert it) and only diffusers / fewstep network classes are imported.
+    A LoRA student needs ``base``: the teacher's network (a module, copied, or its diffusers model
+    folder); the adapter is loaded with diffusers' LoRA loader and fused."""
     folder = Path(folder)
     path = folder / STUDENT_META
     if not path.is_file():
@@ -216,6 +287,8 @@ def load_student(folder: str | os.PathLike, device: torch.device | str | None = 
             raise ValueError(f"{path} has format {meta['format']}; this fewstep reads up to {FORMAT_VERSION}: upgrade fewstep")
         network = meta["network"]
         cls_path, sub = str(network["class"]), str(network["subfolder"])
+        if not isinstance(network.get("lora", {}), dict):
+            raise ValueError("'network.lora' is not an object")
         b = meta["boundary"]
         boundary = BoundaryCondition(float(b["boundary_time"]), float(b["scale"]), float(b["sigma_data"]))
         schedule = from_config(meta["schedule"])
@@ -227,12 +300,40 @@ def load_student(folder: str | os.PathLike, device: torch.device | str | None = 
             f"{path} is not a valid fewstep student description ({type(err).__name__}: {err}); save the student again "
             "with fewstep.distill.save_student (or fewstep distill)"
         ) from None
-    net_dir = folder / sub
-    if Path(sub).is_absolute() or ".." in Path(sub).parts:
-        raise ValueError(f"{path} names the network folder {sub!r}, which is not inside {folder}")
     cls = _import_class(cls_path)
-    require_safetensors(net_dir, "the student network folder")
-    net = cls.from_pretrained(net_dir, use_safetensors=True, local_files_only=True)
+    if network.get("lora"):
+        net = _lora_network(folder, cls, base)
+    else:
+        net_dir = folder / sub
+        if Path(sub).is_absolute() or ".." in Path(sub).parts:
+            raise ValueError(f"{path} names the network folder {sub!r}, which is not inside {folder}")
+        require_safetensors(net_dir, "the student network folder")
+        net = cls.from_pretrained(net_dir, use_safetensors=True, local_files_only=True)
     net = net.to(device=device, dtype=dtype if dtype is not None else torch.float32).eval()
     student = ConsistencyStudent(net, schedule, prediction_type, boundary, meta.get("guidance_embedding_dim"))
     return DistilledStudent(student.eval(), meta)
+
+
+def _lora_network(folder: Path, cls: type, base: Any) -> torch.nn.Module:
+    """The base network with the folder's LoRA adapter loaded by diffusers and fused."""
+    import copy
+
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    if base is None:
+        raise ValueError(f"{folder} holds a LoRA adapter, not a whole network: pass base= the teacher's network "
+                         "(a module or its diffusers model folder), or load it with pipe.load_lora_weights(folder)")
+    if isinstance(base, torch.nn.Module):
+        net = copy.deepcopy(base)
+    else:
+        require_safetensors(Path(base), "the LoRA student's base network folder")
+        net = cls.from_pretrained(base, use_safetensors=True, local_files_only=True)
+    if getattr(net, "peft_config", None):
+        raise ValueError("base= carries adapters already; pass the teacher's plain network")
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder} lacks {LORA_WEIGHTS}, the LoRA student's adapter")
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(folder), weight_name=LORA_WEIGHTS)[:2]
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=net)
+    net.fuse_lora()
+    net.unload_lora()
+    return net

@@ -6,8 +6,13 @@ What sets it apart from :class:`fewstep.distill.cd.CD`:
 * **Guided teacher.**  The teacher's step uses the classifier-free-guided data prediction with
   one explicit convention, diffusers' (``w = 1`` is the conditional model):
   ``D_w = D_u + w (D_c - D_u)`` (:class:`fewstep.models.ClassifierFreeGuidance`).  LCM's paper
-  writes ``(1 + w') D_c - w' D_u``, i.e. ``w = 1 + w'``; its ``w' in [5, 15]`` is the default
-  ``guidance_range = (6, 16)`` here.  ``w`` is drawn uniformly per sample.
+  writes ``(1 + w') D_c - w' D_u``, i.e. ``w = 1 + w'``; the full-UNet recipe's ``w' in [5, 15]``
+  (diffusers' ``train_lcm_distill_sd_wds.py``) is the default ``guidance_range = (6, 16)`` here,
+  and LoRA students (``guidance_embedding=False``) default to the LCM-LoRA recipe's
+  ``w' in [3, 15]`` (``train_lcm_distill_lora_sdxl.py``), ``(4, 16)``.  ``w`` is drawn uniformly
+  per sample.  The unconditional inputs are the recipe's: for SD 1.5 the empty prompt's text
+  states, for SDXL zeros for both text embeddings (``force_zeros_for_empty_prompt``, as the SDXL
+  pipelines and the LCM-LoRA SDXL script), built by the data's encoder when ``uncond=None``.
 * **Guidance embedding.**  The student receives ``w`` through LCM's embedding of ``w - 1`` as the
   UNet's ``timestep_cond`` (:func:`fewstep.distill.student.guidance_embedding`; a
   ``UNet2DConditionModel`` with ``time_cond_proj_dim`` set), so one student serves every scale.
@@ -33,9 +38,15 @@ import torch
 from fewstep.distill.cd import CD
 from fewstep.distill.data import rand
 from fewstep.distill.objective import Batch, Models
+from fewstep._util import tree_map
 from fewstep.models.guidance import ClassifierFreeGuidance
 
-__all__ = ["LCD", "GuidedTeacher"]
+__all__ = ["LCD", "GuidedTeacher", "FULL_GUIDANCE_RANGE", "LORA_GUIDANCE_RANGE"]
+
+#: diffusers' ``train_lcm_distill_sd_wds.py`` (full UNet): w' in [5, 15] in LCM's convention
+FULL_GUIDANCE_RANGE = (6.0, 16.0)
+#: diffusers' ``train_lcm_distill_lora_sdxl.py`` (LCM-LoRA): w' in [3, 15] in LCM's convention
+LORA_GUIDANCE_RANGE = (4.0, 16.0)
 
 
 class GuidedTeacher(torch.nn.Module):
@@ -79,7 +90,7 @@ class LCD(CD):
         uncond: Mapping[str, Any] | None = None,
         num_ddim_steps: int = 50,
         skip: int = 1,
-        guidance_range: tuple[float, float] = (6.0, 16.0),
+        guidance_range: tuple[float, float] | None = None,
         guidance_embedding: bool = True,
         *,
         teacher_sampler: str = "ddim",
@@ -92,15 +103,18 @@ class LCD(CD):
         super().__init__(num_ddim_steps, spacing="trailing", end="min", teacher_sampler=teacher_sampler, loss=loss, **kwargs)
         if isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= num_ddim_steps:
             raise ValueError(f"skip must be an integer in [1, num_ddim_steps={num_ddim_steps}], got {skip!r}")
+        if guidance_range is None:
+            guidance_range = FULL_GUIDANCE_RANGE if guidance_embedding else LORA_GUIDANCE_RANGE
         lo, hi = (float(v) for v in guidance_range)
         if not 0.0 <= lo <= hi:
             raise ValueError(f"guidance_range must be (w_min, w_max) with 0 <= w_min <= w_max, got {guidance_range}")
-        if uncond is None or not isinstance(uncond, Mapping) or not uncond:
+        if uncond is not None and (not isinstance(uncond, Mapping) or not uncond):
             raise ValueError(
-                "LCD needs the teacher's unconditional inputs for classifier-free guidance, e.g. "
-                "uncond={'encoder_hidden_states': text_encoder(tokenizer([''])...)}"
+                "LCD's uncond must be the teacher's unconditional inputs for classifier-free guidance, e.g. "
+                "uncond={'encoder_hidden_states': text_encoder(tokenizer([''])...)} (or None: the data source builds them)"
             )
-        self.uncond = dict(uncond)
+        # None: the trainer takes the data source's empty-prompt inputs (ImageTextData, LatentShards)
+        self.uncond = dict(uncond) if uncond is not None else None
         self.skip = skip
         self.guidance_range = (lo, hi)
         self.guidance_embedding = bool(guidance_embedding)
@@ -120,8 +134,10 @@ class LCD(CD):
 
     def teacher_denoiser(self, models: Models) -> Any:
         """The teacher under classifier-free guidance (:class:`GuidedTeacher`), built once per teacher."""
+        if self.uncond is None:
+            raise ValueError("LCD has no unconditional inputs: pass uncond=... or train through Distiller with a data source that builds them")
         if self._guided is None or self._guided.teacher is not models.teacher:
-            self._guided = GuidedTeacher(models.teacher, {k: v.to(_device(models)) for k, v in self.uncond.items()})
+            self._guided = GuidedTeacher(models.teacher, tree_map(lambda v: v.to(_device(models)), self.uncond))
         return self._guided
 
     def teacher_cond(self, batch: Batch, extras: dict[str, Any]) -> dict[str, Any]:

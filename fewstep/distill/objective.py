@@ -31,7 +31,7 @@ from fewstep.distill.student import BoundaryCondition
 from fewstep.distill.teacher import IntervalSolver
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["Batch", "Models", "ConsistencyObjective", "LOSSES", "consistency_distance"]
+__all__ = ["Batch", "Models", "ConsistencyObjective", "LOSSES", "consistency_distance", "RandomState"]
 
 LOSSES = ("l2", "pseudo_huber", "huber")
 
@@ -55,6 +55,27 @@ class Models:
     target: Callable[..., torch.Tensor]
     teacher: Callable[..., torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RandomState:
+    """The global torch random state (CPU, and the CUDA device in use), saved to replay the same
+    draws (dropout masks) in a second forward pass."""
+
+    cpu: torch.Tensor
+    device: torch.device
+    cuda: torch.Tensor | None = None
+
+    @classmethod
+    def save(cls, device: torch.device | str) -> "RandomState":
+        device = torch.device(device)
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), device, cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) -> torch.Tensor:
@@ -179,8 +200,25 @@ class ConsistencyObjective(ABC):
             return model(x, t.to(x.device), **cond).float()
         return self.edge_solver(model, x, t, t_edge, cond).float()
 
+    def prediction(self, models: Models, x_hi: torch.Tensor, t_hi: torch.Tensor, t_edge: torch.Tensor, cond: dict[str, Any], at_boundary: torch.Tensor) -> torch.Tensor:
+        """The student's side of the distance (with gradient): its consistency map at ``x_{n+1}``."""
+        return self.consistency_map(models.student, x_hi, t_hi, t_edge, cond, at_boundary)
+
+    def reference(self, models: Models, x_lo: torch.Tensor, t_lo: torch.Tensor, t_edge: torch.Tensor, cond: dict[str, Any], at_boundary: torch.Tensor, x_hi: torch.Tensor, t_hi: torch.Tensor) -> torch.Tensor:
+        """The target's side (called under ``no_grad``): the target network's consistency map at
+        ``x_hat_n``.  ``x_hi``, ``t_hi`` let a subclass express it in another space (MCD: x-space)."""
+        return self.consistency_map(models.target, x_lo, t_lo, t_edge, cond, at_boundary)
+
     def loss(self, models: Models, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted consistency loss of one micro-batch (a scalar with gradient) and logs."""
+        """The weighted consistency loss of one micro-batch (a scalar with gradient) and logs.
+
+        Student and target run from the same random state (saved before the student's forward and
+        restored before the target's), so a network with dropout draws the same mask in both, as
+        consistency_models' ``consistency_losses`` (``th.get_rng_state`` / ``th.set_rng_state``)
+        and ECT do; without it the target would differ from the prediction by the dropout noise
+        alone.  The student runs first, as there: under autocast, torch (2.6) caches the low-precision
+        copy of a weight that requires grad, and a copy made first under ``no_grad`` (a target that
+        is the student itself, LoRA) would cut the student's graph."""
         grid = self.grid_at(batch.step)
         n = self.draw_intervals(batch, grid)
         e = self.edges(grid, n)
@@ -191,8 +229,11 @@ class ConsistencyObjective(ABC):
         x_hi = self.noised(batch.x0, t_hi, eps)
         with torch.no_grad():
             x_lo = self.lower_point(models, batch, x_hi, t_hi, t_lo, eps, extras)
-            target = self.consistency_map(models.target, x_lo, t_lo, t_edge, cond, e == 0)
-        pred = self.consistency_map(models.student, x_hi, t_hi, t_edge, cond, e == 0)
+        rng = RandomState.save(x_hi.device)
+        pred = self.prediction(models, x_hi, t_hi, t_edge, cond, e == 0)
+        rng.restore()
+        with torch.no_grad():
+            target = self.reference(models, x_lo, t_lo, t_edge, cond, e == 0, x_hi, t_hi)
         w = self.weights(grid, n).to(pred.device, torch.float32)
         per_sample = consistency_distance(pred, target.detach(), self.loss_kind, float(self.loss_c))
         loss = (w * per_sample).mean()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fewstep._util import tree_map
 from fewstep.models.prediction import time_tensor
 from fewstep.samplers.core import NoiseSource, Program, Setup, validate_options
 from fewstep.samplers.registry import SamplerSpec, spec
@@ -113,7 +114,8 @@ class IntervalSolver:
         """The sampler's solution at ``t_lo[b]`` from ``x[b]`` at ``t_hi[b]``, for every sample ``b``.
 
         ``cond`` values that are tensors with ``B`` rows are per-sample (they follow their
-        sample); anything else is passed to every call as it is.  Samples with ``t_hi == t_lo``
+        sample), also inside nested dicts (SDXL's ``added_cond_kwargs``); anything else is passed
+        to every call as it is.  Samples with ``t_hi == t_lo``
         are returned unchanged.  Gradients flow through the denoiser's outputs (the student's map
         to its segment edge is trained through this)."""
         b = x.shape[0]
@@ -133,7 +135,7 @@ class IntervalSolver:
         order = [i for idx in groups.values() for i in idx]
         index = torch.tensor(order, device=x.device)
         sizes = [len(idx) for idx in groups.values()]
-        cond_g = {k: (v.index_select(0, index.to(v.device)) if _per_sample(v, b) else v) for k, v in cond.items()}
+        cond_g = tree_map(lambda v: v.index_select(0, index.to(v.device)) if _per_sample(v, b) else v, cond)
         routines = []
         reqs = []
         for key, xg in zip(groups, x.to(work).index_select(0, index).split(sizes)):

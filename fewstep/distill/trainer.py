@@ -26,13 +26,20 @@ copy, or the student under stop-gradient), the frozen teacher and the optimizer,
   already holds something is refused unless the run resumes (``resume=``); a resume whose
   settings differ from the checkpoint's says which value is used (the checkpoint's learning
   rate, betas and weight decay, which its optimizer state carries; this run's other settings).
-* **Result.**  The student in diffusers format plus the JSON naming its sampler
-  (:mod:`fewstep.distill.export`).
+* **Data.**  In-memory sources draw from the per-sample generators; streaming sources
+  (:mod:`fewstep.distill.stream`) are read by position, decoded in DataLoader workers and
+  encoded on the training device, and their position is saved with every checkpoint.
+* **Averages.**  The target EMA of the loss and a separate sampling EMA (:mod:`fewstep.distill.ema`),
+  which is validated and exported by default.
+* **Result.**  The student in diffusers format plus the JSON naming its sampler, or for a LoRA
+  student its adapter in diffusers' LoRA format (:mod:`fewstep.distill.export`).
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import importlib.util
 import json
 import math
 import os
@@ -48,9 +55,10 @@ import torch
 
 from fewstep._dist import launched_distributed
 from fewstep._util import atomic_write_text, derived_seed
-from fewstep.distill.checkpoint import EMA_FILE, CheckpointDir, check_output_dir, verify_checkpoint, write_state
+from fewstep.distill.checkpoint import EMA_FILE, LORA_FILE, SAMPLING_EMA_FILE, CheckpointDir, check_output_dir, verify_checkpoint, write_state
 from fewstep.distill.data import DataSource, sample_generators
-from fewstep.distill.export import save_student
+from fewstep.distill.ema import SamplingEMA, ema_update
+from fewstep.distill.export import save_lora_student, save_student
 from fewstep.distill.objective import Batch, ConsistencyObjective, Models
 from fewstep.distill.student import ConsistencyStudent
 from fewstep.distill.teacher import AdaptersOff
@@ -58,10 +66,17 @@ from fewstep.models.diffusers_models import DiffusersDenoiser
 from fewstep.models.prediction import check_prediction_type
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["DistillConfig", "Distiller", "DistillResult", "PRECISIONS", "ATTENTION"]
+__all__ = ["DistillConfig", "Distiller", "DistillResult", "PRECISIONS", "ATTENTION", "LORA_FILE"]
+
+#: the trainable (LoRA) parameters of a LoRA student in a checkpoint, instead of model.safetensors
+
 
 PRECISIONS = ("no", "bf16", "fp16")
 ATTENTION = ("auto", "sdpa", "xformers", "keep")
+EXPORTS = ("sampling_ema", "online")
+OPTIMIZERS = ("adamw", "adamw8bit")
+#: tracker name -> the package it needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 @dataclass
@@ -93,6 +108,18 @@ class DistillConfig:
     validate_every: int = 0
     progress: bool = True
     cpu: bool = False
+    #: rate of the sampling EMA (evaluated and exported; None: none, the online weights are exported)
+    sampling_ema: float | None = 0.9999
+    #: what the student folder holds: "sampling_ema" (default when there is one) or "online"
+    export: str = "sampling_ema"
+    #: TF32 matrix products and convolutions on Ampere+ GPUs (no effect on CPUs)
+    tf32: bool = False
+    #: "adamw", or "adamw8bit" (bitsandbytes' 8-bit AdamW; needs bitsandbytes and a GPU)
+    optimizer: str = "adamw"
+    #: trackers besides the CSV / JSONL metrics that are always written: "tensorboard", "wandb"
+    log_with: tuple[str, ...] = ()
+    #: DataLoader workers of streaming sources (decoding, resizing, cropping)
+    num_workers: int = 2
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -107,6 +134,23 @@ class DistillConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.sampling_ema is not None and not 0.0 < float(self.sampling_ema) < 1.0:
+            raise ValueError(f"sampling_ema must be in (0, 1), or None for no sampling EMA, got {self.sampling_ema}")
+        if self.export not in EXPORTS:
+            raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes); use optimizer='adamw'")
+        bad = [t for t in self.log_with if t not in TRACKERS]
+        if bad:
+            raise ValueError(f"log_with: unknown tracker {bad[0]!r}; choose from {', '.join(TRACKERS)} (CSV is always written)")
+        missing = [t for t in self.log_with if importlib.util.find_spec(TRACKERS[t]) is None]
+        if missing:
+            raise ValueError(f"log_with={missing[0]!r} needs the {TRACKERS[missing[0]]} package (pip install {TRACKERS[missing[0]]}); "
+                             "metrics.csv and metrics.jsonl are written either way")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
 
 
 @dataclass
@@ -160,7 +204,10 @@ class Distiller:
             that differs from the teacher's while initialising from the teacher is an error.
         schedule: the noise schedule; default the teacher's (required for iCT).
         lora: a ``peft.LoraConfig``: the student is the teacher's own network with these adapters,
-            the teacher the same network with the adapters switched off (needs ``target_ema = 0``).
+            the teacher the same network with the adapters switched off (needs ``target_ema = 0``);
+            under bf16/fp16 the frozen base is stored in that dtype, the adapters stay fp32;
+            checkpoints hold the adapters only and the student folder holds them in diffusers'
+            LoRA format (``pipe.load_lora_weights``).
         guidance_embedding_dim: for LCD students built from the teacher, the size of the guidance
             embedding (``time_cond_proj_dim``; LCM: 256).
         scheduler_config: the teacher's diffusers scheduler config, recorded with the student.
@@ -188,16 +235,28 @@ class Distiller:
     ):
         self.config = config or DistillConfig()
         self.config.check()
+        _check_fsdp_device()  # before anything is written
         if not isinstance(objective, ConsistencyObjective):
             raise TypeError(f"objective must be a fewstep.distill objective (CD, LCD, MCD, ICT), got {type(objective).__name__}")
-        if not hasattr(data, "sample") or not hasattr(data, "shape"):
-            raise TypeError("data must be a fewstep.distill data source (TensorData, MixtureData or an object with .shape and .sample)")
+        if not hasattr(data, "shape") or not (hasattr(data, "sample") or getattr(data, "streaming", False)):
+            raise TypeError("data must be a fewstep.distill data source (TensorData, MixtureData, ImageTextData, LatentShards, "
+                            "or an object with .shape and .sample)")
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"the {objective.name} objective distils a teacher: pass teacher=... (a denoiser); only 'ict' trains without one")
         if lora is not None and objective.target_ema != 0.0:
             raise ValueError("LoRA distillation uses the student itself as its target: set target_ema=0 on the objective")
         self.objective = objective
         self.data = data
+        self.lora = lora
+        if getattr(objective, "uncond", False) is None:  # LCD without uncond=: the data's empty-prompt inputs
+            made = getattr(data, "unconditional", None)
+            if made is None:
+                raise ValueError(
+                    f"{objective.name} needs the teacher's unconditional inputs for classifier-free guidance: pass uncond=... "
+                    "to the objective, or use a data source that encodes prompts (ImageTextData, LatentShards), which builds "
+                    "the empty-prompt inputs"
+                )
+            objective.uncond = dict(made())
         self.validator = validator
         self.callback = callback
         self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
@@ -249,7 +308,7 @@ class Distiller:
             if lora is not None:
                 net = self._add_lora(net, lora)
             elif emb_dim:
-                net = lcd_student_network(net, emb_dim)
+                net = lcd_student_network(net, emb_dim, self.config.seed)
             else:
                 net = copy.deepcopy(net)
         else:
@@ -304,21 +363,16 @@ class Distiller:
 
     # -- the run -------------------------------------------------------------------------------------
     def train(self) -> DistillResult:
-        """Run (or resume) training; returns the final step, the losses and the student folder."""
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
+        """Run (or resume) training; returns the final step, the losses and the student folder.
+
+        The phases, each its own method so that objectives with more networks can extend them:
+        :meth:`_accelerator`, the networks (student, target, sampling EMA), :meth:`_optimizer`,
+        the checkpoint hooks, resume or :meth:`_preflight`, the loop (:meth:`_micro_batch` per
+        micro-batch), :meth:`_checkpoint` and :meth:`_finish`."""
         from tqdm.auto import tqdm
 
         cfg = self.config
-        state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision") not in (None, cfg.precision) and not launched_distributed():
-            AcceleratorState._reset_state()  # several trainers with different precisions in one process
-        try:
-            acc = Accelerator(mixed_precision=cfg.precision, cpu=cfg.cpu)
-        except ValueError as err:
-            raise ValueError(f"precision={cfg.precision!r} cannot run here: {err}") from None
-        if cfg.precision != "no" and not acc.native_amp:
-            warnings.warn(f"precision={cfg.precision!r} has no autocast on {acc.device.type} here; training runs in fp32", stacklevel=2)
+        acc = self._accelerator()
         world, rank = acc.num_processes, acc.process_index
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ValueError(
@@ -328,17 +382,16 @@ class Distiller:
         device = acc.device
         student = self.student.to(device)
         fsdp = str(acc.distributed_type).endswith("FSDP")
-        if fsdp and self.objective.target_ema:
-            raise ValueError("an EMA target network needs full parameters on every rank: use DDP, or target_ema=0 under FSDP")
-        if fsdp and "SHARDED" in str(getattr(getattr(acc.state, "fsdp_plugin", None), "state_dict_type", "")).upper():
-            raise ValueError(
-                "FSDP with SHARDED_STATE_DICT writes torch.distributed.checkpoint folders, whose metadata torch reads back "
-                "with pickle.load (a crafted file runs code), so fewstep could not resume them safely; set "
-                "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (or FSDP_STATE_DICT_TYPE=FULL_STATE_DICT)"
-            )
+        if fsdp:
+            self._check_fsdp(acc)
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+        if self.lora is not None and weight_dtype != torch.float32:
+            # the frozen base in the autocast dtype, the adapters (trainable) in fp32, as diffusers' LoRA scripts
+            for p in student.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(weight_dtype)
         attention = self._set_attention(student.network)
         if self.teacher is not None and isinstance(getattr(self.teacher, "model", None), torch.nn.Module) and not isinstance(self.teacher.model, AdaptersOff):
-            weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
             self.teacher.model.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
             self._set_attention(self.teacher.model)
         if cfg.gradient_checkpointing:
@@ -347,7 +400,9 @@ class Distiller:
             student.network.enable_gradient_checkpointing()
         target = None
         if self.objective.target_ema > 0:
-            target = copy.deepcopy(student).requires_grad_(False).eval()
+            # train mode: the target draws the student's dropout mask (the objective replays the RNG state),
+            # as consistency_models' CMTrainLoop keeps target_model.train()
+            target = copy.deepcopy(student).requires_grad_(False).train()
         if cfg.compile:
             if not hasattr(student.network, "compile"):
                 raise ValueError("compile=True needs torch >= 2.2 (nn.Module.compile)")
@@ -355,32 +410,47 @@ class Distiller:
         params = [p for p in student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the student has no trainable parameters")
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        opt = self._optimizer(params)
         warm = max(int(cfg.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
         model, opt, sched = acc.prepare(student, opt, sched)
-        counters = _Counters()  # saved by fewstep itself, as are the EMA target's weights: nothing is pickled
+        counters = _Counters()  # saved by fewstep itself, as are the EMA weights: nothing is pickled
         inner = acc.unwrap_model(model)
+        ema = SamplingEMA(inner, cfg.sampling_ema) if cfg.sampling_ema is not None else None
         models = Models(student=model, target=target if target is not None else inner, teacher=self.teacher, extras={"device": device})
+        if self.lora is not None:
+            self._lora_checkpoint_hooks(acc, inner)
 
         if acc.is_main_process:
             self.checkpoints.clean_temporary()
         acc.wait_for_everyone()
         resumed = self.checkpoints.resolve(cfg.resume)
         if resumed is not None:
-            saved = verify_checkpoint(resumed, ema=target is not None, fsdp=fsdp, objective=self.objective.name)
+            saved = verify_checkpoint(resumed, ema=target is not None, fsdp=fsdp, objective=self.objective.name,
+                                      sampling_ema=ema is not None, lora=self.lora is not None)
             acc.load_state(str(resumed))
             if target is not None:
                 from safetensors.torch import load_file  # (load_model's device= needs safetensors > 0.4.1)
 
                 target.load_state_dict(load_file(str(resumed / EMA_FILE), device=str(device)), strict=True)
+            if ema is not None:
+                ema.load(resumed / SAMPLING_EMA_FILE, device)
+            if self._streaming:
+                self.data.check_resume(saved.get("data"))
             counters.step, counters.skipped = saved["step"], saved["skipped"]
             if acc.is_main_process:
                 self._report_changes(resumed, saved, opt)
         else:
             self._preflight(models, acc, local)
+        stream = None
+        if self._streaming:
+            stream = self.data.open(rank=rank, world=world, local=local, grad_accum=cfg.grad_accum, seed=cfg.seed,
+                                    start_step=counters.step, num_workers=cfg.num_workers)
         if acc.is_main_process:
             _trim_metrics(self.out / "metrics.jsonl", counters.step)
+            _trim_metrics(self.out / "metrics.csv", counters.step)
+        if cfg.log_with:
+            acc.init_trackers("fewstep-distill", config=_tracker_config(cfg, self.objective))
         start = counters.step
         bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {self.objective.name}", disable=not (cfg.progress and acc.is_main_process))
         losses: list[float] = []
@@ -394,13 +464,14 @@ class Distiller:
             for micro in range(cfg.grad_accum):
                 ids = [(micro * world + rank) * local + i for i in range(local)]
                 gens = sample_generators(cfg.seed, step, ids)
-                x0, cond = self.data.sample(gens, device)
-                batch = Batch(x0, cond, gens, step)
+                batch = self._micro_batch(gens, step, device, stream)
                 with acc.autocast():
                     loss, _ = self.objective.loss(models, batch)
                 bad = acc.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
                 if float(bad) > 0:
                     skipped = True
+                    for _ in range(micro + 1, cfg.grad_accum):  # the stream stays at the step's end on every rank
+                        self._micro_batch(gens, step, device, stream, consume_only=True)
                     break
                 last = micro == cfg.grad_accum - 1
                 with acc.no_sync(model) if not last else _null():
@@ -425,7 +496,9 @@ class Distiller:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 if target is not None:
-                    _ema_update(target, inner, self.objective.target_ema)
+                    ema_update(target, inner, self.objective.target_ema)
+                if ema is not None:
+                    ema.update(inner)
             counters.step = step + 1
             losses.append(step_loss if not skipped else math.nan)
             bar.update(1)
@@ -438,24 +511,138 @@ class Distiller:
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
                 if acc.is_main_process:
-                    with open(self.out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    self._log_row(row)
+                if cfg.log_with:
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
             if cfg.validate_every and self.validator is not None and (step + 1) % cfg.validate_every == 0 and step + 1 < cfg.steps:
                 if acc.is_main_process:
-                    self._validate(inner, step + 1, history, bar)
+                    self._validate(inner, ema, step + 1, history, bar)
                 acc.wait_for_everyone()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                self._checkpoint(acc, step + 1, counters, target)
+                self._checkpoint(acc, step + 1, counters, target, ema)
         bar.close()
-        student_dir = self._finish(acc, model, inner, history)
+        student_dir = self._finish(acc, model, inner, ema, history)
+        if cfg.log_with:
+            acc.end_training()
         return DistillResult(counters.step, losses, student_dir, counters.skipped, resumed, attention, world, history)
+
+    # -- the phases ------------------------------------------------------------------------------
+    @property
+    def _streaming(self) -> bool:
+        return bool(getattr(self.data, "streaming", False))
+
+    def _accelerator(self) -> Any:
+        """The ``accelerate.Accelerator`` of the run (precision, CPU, trackers), TF32 set."""
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.config
+        _check_fsdp_device()
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") not in (None, cfg.precision) and not launched_distributed():
+            AcceleratorState._reset_state()  # several trainers with different precisions in one process
+        try:
+            acc = Accelerator(mixed_precision=cfg.precision, cpu=cfg.cpu, log_with=list(cfg.log_with) or None,
+                              project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        except ValueError as err:
+            raise ValueError(f"precision={cfg.precision!r} cannot run here: {err}") from None
+        if cfg.precision != "no" and not acc.native_amp:
+            warnings.warn(f"precision={cfg.precision!r} has no autocast on {acc.device.type} here; training runs in fp32", stacklevel=3)
+        if cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return acc
+
+    def _check_fsdp(self, acc: Any) -> None:
+        """What fewstep's trainer supports under FSDP (see docs/design.md, Scale)."""
+        if self.objective.target_ema or self.config.sampling_ema is not None:
+            raise ValueError(
+                "an EMA network (target_ema > 0, or sampling_ema) needs the full parameters on every rank, which FSDP "
+                "shards: use DDP (accelerate launch --multi_gpu), or target_ema=0 and sampling_ema=None under FSDP"
+            )
+        if "SHARDED" in str(getattr(getattr(acc.state, "fsdp_plugin", None), "state_dict_type", "")).upper():
+            raise ValueError(
+                "FSDP with SHARDED_STATE_DICT writes torch.distributed.checkpoint folders, whose metadata torch reads back "
+                "with pickle.load (a crafted file runs code), so fewstep could not resume them safely; set "
+                "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (or FSDP_STATE_DICT_TYPE=FULL_STATE_DICT)"
+            )
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW, or bitsandbytes' 8-bit AdamW (``optimizer="adamw8bit"``)."""
+        cfg = self.config
+        if cfg.optimizer == "adamw8bit":
+            import bitsandbytes as bnb  # checked installed by DistillConfig.check
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+
+    def _lora_checkpoint_hooks(self, acc: Any, inner: ConsistencyStudent) -> None:
+        """Checkpoints of a LoRA student hold its trainable parameters only (``lora.safetensors``),
+        not the frozen base: accelerate's model weights are taken out of ``save_state`` and the
+        adapters read back on ``load_state`` (diffusers' LoRA scripts do the same with these hooks)."""
+        from safetensors.torch import load_file, save_file
+
+        names = [n for n, p in inner.named_parameters() if p.requires_grad]
+
+        def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+            if acc.is_main_process:
+                tensors = {n: p.detach().float().contiguous().cpu() for n, p in inner.named_parameters() if p.requires_grad}
+                save_file(tensors, str(Path(output_dir) / LORA_FILE))
+            weights.clear()
+
+        def load_hook(models: list[Any], input_dir: str) -> None:
+            path = Path(input_dir) / LORA_FILE
+            tensors = load_file(str(path))
+            if set(tensors) != set(names):
+                raise ValueError(f"{path} does not hold this student's LoRA parameters; resume with the same LoRA settings")
+            params = dict(inner.named_parameters())
+            with torch.no_grad():
+                for n, v in tensors.items():
+                    if v.shape != params[n].shape:
+                        raise ValueError(f"{path}: {n} has shape {tuple(v.shape)}, the adapter's is {tuple(params[n].shape)}")
+                    params[n].copy_(v.to(params[n].dtype))
+            models.clear()
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def _micro_batch(self, gens: list[torch.Generator], step: int, device: Any, stream: Any, consume_only: bool = False) -> Batch | None:
+        """The next micro-batch: drawn from the per-sample generators (``TensorData``, ...), or
+        the next one of this rank's stream, encoded on ``device`` (streaming sources)."""
+        if stream is None:
+            if consume_only:
+                return None
+            x0, cond = self.data.sample(gens, device)
+        else:
+            raw = next(stream)
+            if consume_only:
+                return None
+            x0, cond = self.data.prepare(raw, gens, device)
+        return Batch(x0, cond, gens, step)
+
+    def _log_row(self, row: Mapping[str, Any]) -> None:
+        """Append a row to ``metrics.jsonl`` and ``metrics.csv`` (main process)."""
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(dict(row)) + "\n")
+        path = self.out / "metrics.csv"
+        fields = ["step", "loss", "lr", "skipped", "seconds"]
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(dict(row))
 
     def _preflight(self, models: Models, acc: Any, local: int) -> None:
         """One loss evaluation without gradient on real data, so a student that cannot take the
         data, a teacher of the wrong shape or missing conditioning fail before any step."""
         # A stream no step uses; the full micro-batch, so a compiled student sees training shapes.
         gens = sample_generators(self.config.seed, 2**62, range(local))
-        x0, cond = self.data.sample(gens, acc.device)
+        if self._streaming:
+            x0, cond = self.data.prepare(self.data.read(range(local), self.config.seed), gens, acc.device)
+        else:
+            x0, cond = self.data.sample(gens, acc.device)
         try:
             with torch.no_grad(), acc.autocast():
                 self.objective.loss(models, Batch(x0, cond, gens, 0))
@@ -465,16 +652,18 @@ class Distiller:
                 f"({type(self.student.network).__name__}): {str(err).splitlines()[0]}"
             ) from None
 
-    def _validate(self, inner: ConsistencyStudent, step: int, history: list[dict[str, Any]], bar: Any) -> None:
-        """Run the validator on the main process (callers hold the other ranks at a barrier)."""
+    def _validate(self, inner: ConsistencyStudent, ema: SamplingEMA | None, step: int, history: list[dict[str, Any]], bar: Any) -> None:
+        """Run the validator on the main process (callers hold the other ranks at a barrier), on
+        the weights that would be exported (the sampling EMA by default)."""
         was = inner.training
         inner.eval()
-        with torch.no_grad():
+        use_ema = ema is not None and self.config.export == "sampling_ema"
+        with torch.no_grad(), (ema.applied(inner) if use_ema else _null()):
             scores = self.validator(inner, step)
         inner.train(was)
         row = {"step": step, "validation": scores}
         history.append(row)
-        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, (int, float))))
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -503,7 +692,7 @@ class Distiller:
                     stacklevel=3,
                 )
 
-    def _checkpoint(self, acc: Any, step: int, counters: _Counters, target: torch.nn.Module | None) -> None:
+    def _checkpoint(self, acc: Any, step: int, counters: _Counters, target: torch.nn.Module | None, ema: SamplingEMA | None) -> None:
         tmp = self.checkpoints.temporary(step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
@@ -512,16 +701,22 @@ class Distiller:
                 from safetensors.torch import save_model
 
                 save_model(target, str(tmp / EMA_FILE))
+            if ema is not None:
+                ema.save(tmp / SAMPLING_EMA_FILE)
             settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()
                         if k in (*_RUN_SETTINGS, "lr", "adam_betas", "weight_decay", "steps")}
             write_state(tmp, {"step": counters.step, "skipped": counters.skipped, "objective": self.objective.name,
-                              "ema": target is not None, "config": settings})
+                              "ema": target is not None, "sampling_ema": ema is not None, "lora": self.lora is not None,
+                              "data": self.data.position(counters.step, self.config.batch_size) if self._streaming else None,
+                              "config": settings})
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.checkpoints.commit(step)
         acc.wait_for_everyone()
 
-    def _finish(self, acc: Any, model: Any, inner: ConsistencyStudent, history: list[dict[str, Any]]) -> Path | None:
+    def _finish(self, acc: Any, model: Any, inner: ConsistencyStudent, ema: SamplingEMA | None, history: list[dict[str, Any]]) -> Path | None:
+        """Write the student folder (main process): the sampling EMA's weights by default
+        (``export``), a LoRA student as its adapter in diffusers' LoRA format."""
         state = acc.get_state_dict(model)  # gathered under FSDP; every rank takes part
         folder = self.out / "student"
         if acc.is_main_process:
@@ -529,17 +724,23 @@ class Distiller:
             if str(acc.distributed_type).endswith("FSDP"):
                 final = copy.deepcopy(self.student).cpu()
                 final.load_state_dict(state)
-            if self.validator is not None:
-                self._validate(final, self.config.steps, history, _Printer())
-            description = {
-                **self.objective.describe(),
-                "sampler": self.objective.sampler,
-                "sampler_options": self.objective.sampler_options(),
-                "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
-            }
-            description["training"]["output_dir"] = str(self.config.output_dir)
-            description["training"]["resume"] = str(self.config.resume) if self.config.resume is not None else None
-            save_student(folder, _merged(final), description, self.scheduler_config)
+            use_ema = ema is not None and self.config.export == "sampling_ema"
+            with torch.no_grad(), (ema.applied(final) if use_ema else _null()):
+                if self.validator is not None:
+                    self._validate(final, None, self.config.steps, history, _Printer())
+                description = {
+                    **self.objective.describe(),
+                    "sampler": self.objective.sampler,
+                    "sampler_options": self.objective.sampler_options(),
+                    "exported": "sampling_ema" if use_ema else "online",
+                    "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+                }
+                description["training"]["output_dir"] = str(self.config.output_dir)
+                description["training"]["resume"] = str(self.config.resume) if self.config.resume is not None else None
+                if self.lora is not None:
+                    save_lora_student(folder, final, description, self.scheduler_config)
+                else:
+                    save_student(folder, final, description, self.scheduler_config)
         acc.wait_for_everyone()
         return folder
 
@@ -554,33 +755,32 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step`` (a resumed run rewrites the later ones; a
-    fresh start keeps none), dropping a line a kill cut short."""
+    """Keep the rows of ``metrics.jsonl`` / ``metrics.csv`` up to ``step`` (a resumed run rewrites
+    the later ones; a fresh start keeps none), dropping a line a kill cut short."""
     if not path.is_file():
         return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line)
+    if path.suffix == ".csv":
+        header, body = (lines[0], lines[1:]) if lines else ("", [])
+        fields = header.split(",")
+        for line in body:
+            row = dict(zip(fields, line.split(",")))
+            if len(row) == len(fields) and row.get("step", "").isdigit() and int(row["step"]) <= step:
+                kept.append(line)
+        kept = [header] + kept if kept else []
+    else:
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line)
     if step == 0 or not kept:
         path.unlink()
     else:
         atomic_write_text(path, "\n".join(kept) + "\n")
-
-
-def _merged(student: ConsistencyStudent) -> ConsistencyStudent:
-    """The student with its LoRA adapters fused into the weights and removed (a plain diffusers
-    network to save); students without adapters are returned as they are."""
-    if not getattr(student.network, "peft_config", None):
-        return student
-    net = copy.deepcopy(student.network)
-    net.fuse_lora()
-    net.unload_lora()
-    return ConsistencyStudent(net, student.schedule, student.prediction_type, student.boundary, student.guidance_embedding_dim)
 
 
 class _Printer:
@@ -596,17 +796,42 @@ class _null:
         return None
 
 
-def _ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float) -> None:
-    """``theta^- <- mu theta^- + (1 - mu) theta`` (stop-gradient; Song et al. 2023, Algorithm 2)."""
-    with torch.no_grad():
-        for pt, ps in zip(target.parameters(), online.parameters()):
-            pt.lerp_(ps.detach().to(pt.dtype), 1.0 - mu)
+def _check_fsdp_device() -> None:
+    """Under ``accelerate launch`` with an FSDP config, refuse CPU-only processes clearly (torch and
+    accelerate would refuse later with less helpful messages)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and not _accelerator_device():
+        raise ValueError(
+            "FSDP needs GPUs (or another accelerator): torch's FullyShardedDataParallel refuses CPU-only processes "
+            "('FSDP needs a non-CPU accelerator device'), and so does accelerate's FSDP plugin. On CPUs train with DDP "
+            "(accelerate launch --multi_gpu --num_processes N, which starts N gloo processes on a CPU-only machine, or torchrun); "
+            "on GPUs see examples/accelerate/fsdp_8gpu.yaml"
+        )
 
 
-def lcd_student_network(teacher_network: torch.nn.Module, embedding_dim: int = 256) -> torch.nn.Module:
+def _accelerator_device() -> bool:
+    """Whether this process has an accelerator FSDP can shard onto (CUDA, XPU, NPU, MLU)."""
+    if torch.cuda.is_available():
+        return True
+    return any(bool(getattr(getattr(torch, name, None), "is_available", lambda: False)()) for name in ("xpu", "npu", "mlu"))
+
+
+def _tracker_config(cfg: DistillConfig, objective: ConsistencyObjective) -> dict[str, Any]:
+    """Flat scalar settings for TensorBoard / W&B."""
+    flat = {f"objective/{k}": v for k, v in objective.describe().items() if isinstance(v, (int, float, str, bool))}
+    flat.update({k: (str(v) if not isinstance(v, (int, float, str, bool)) else v) for k, v in asdict(cfg).items()})
+    return flat
+
+
+def lcd_student_network(teacher_network: torch.nn.Module, embedding_dim: int = 256, seed: int = 0) -> torch.nn.Module:
     """LCD's student: the teacher's ``UNet2DConditionModel`` with a guidance-embedding input
-    (``time_cond_proj_dim = embedding_dim``) and the teacher's weights; the new projection is zero,
-    so the student starts as its teacher (LCM initialises it at random)."""
+    (``time_cond_proj_dim = embedding_dim``) and the teacher's weights.  The new projection
+    ``time_embedding.cond_proj`` keeps ``torch.nn.Linear``'s default initialisation (Kaiming-uniform,
+    bound ``1/sqrt(embedding_dim)``), as LCM's training code leaves it (diffusers'
+    ``train_lcm_distill_sd_wds.py`` builds the student from the teacher's config with
+    ``time_cond_proj_dim`` and loads the teacher's weights with ``strict=False``), drawn from a
+    generator seeded from ``seed`` so the run is reproducible.  The student therefore does not start
+    exactly as its teacher: the guidance embedding perturbs the time embedding from step 0, which is
+    what the recipe trains with."""
     cfg = getattr(teacher_network, "config", None)
     if cfg is None or "time_cond_proj_dim" not in cfg:
         raise TypeError(
@@ -617,6 +842,7 @@ def lcd_student_network(teacher_network: torch.nn.Module, embedding_dim: int = 2
     missing, unexpected = student.load_state_dict(teacher_network.state_dict(), strict=False)
     if unexpected or any("cond_proj" not in k for k in missing):
         raise ValueError(f"could not copy the teacher's weights into the LCD student (missing {missing}, unexpected {unexpected})")
-    with torch.no_grad():
-        student.time_embedding.cond_proj.weight.zero_()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed("lcd-cond-proj", seed))
+        student.time_embedding.cond_proj.reset_parameters()  # torch.nn.Linear's own initialisation, as LCM's
     return student.to(next(teacher_network.parameters()).device)

@@ -23,7 +23,7 @@ import fewstep
 from fewstep.eval.frechet import frechet_distance_from_features
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["QualityProbe", "sample_consistency"]
+__all__ = ["QualityProbe", "sample_consistency", "ValidationImages"]
 
 
 def sample_consistency(student: Callable[..., torch.Tensor], noise: torch.Tensor, sampler: str, nfe: int, schedule: NoiseSchedule, options: Mapping[str, Any] | None = None, cond: Mapping[str, Any] | None = None, seed: int = 0) -> torch.Tensor:
@@ -45,7 +45,9 @@ class QualityProbe:
         reference: (N, ...) the teacher's ODE map from ``noise`` (``None``: no RMSE).
         features: ``features(samples) -> (N, F)`` for the Fréchet distance (``None``: flatten).
         reference_features: (M, F) features of real data (``None``: no Fréchet distance).
-        cond: conditioning for every call (e.g. a guidance scale).
+        cond: conditioning of the teacher's calls (and of the student's, unless ``student_cond``).
+        student_cond: conditioning of the student's calls (an LCD student also takes
+            ``guidance_scale``; ``None``: ``cond``).
     """
 
     noise: torch.Tensor
@@ -54,6 +56,7 @@ class QualityProbe:
     features: Callable[[torch.Tensor], torch.Tensor] | None = None
     reference_features: torch.Tensor | None = None
     cond: Mapping[str, Any] | None = None
+    student_cond: Mapping[str, Any] | None = None
 
     def score(self, samples: torch.Tensor) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -71,14 +74,16 @@ class QualityProbe:
         """Scores of a consistency student at each NFE with its sampler."""
         dev = _device_of(student)
         noise = self.noise.to(dev, torch.float32)
-        return {k: self.score(sample_consistency(student, noise, sampler, k, self.schedule, options, self.cond)) for k in nfes}
+        cond = self.student_cond if self.student_cond is not None else self.cond
+        cond = _to(cond, dev)
+        return {k: self.score(sample_consistency(student, noise, sampler, k, self.schedule, options, cond)) for k in nfes}
 
     def teacher(self, teacher: Callable[..., torch.Tensor], sampler: str = "dpmpp_2m", nfes: Sequence[int] = (10, 50)) -> dict[int, dict[str, float]]:
         """Scores of the teacher at each NFE with a diffusion sampler."""
         dev = _device_of(teacher)
         noise = self.noise.to(dev, torch.float32)
         with torch.no_grad():
-            return {k: self.score(fewstep.sample(teacher, noise, sampler, k, schedule=self.schedule, cond=self.cond)) for k in nfes}
+            return {k: self.score(fewstep.sample(teacher, noise, sampler, k, schedule=self.schedule, cond=_to(self.cond, dev))) for k in nfes}
 
     def flat(self, scores: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
         """``{"rmse@1": ..., "fd@1": ...}`` for logs."""
@@ -95,3 +100,58 @@ def _device_of(model: Any) -> torch.device:
         for p in inner.parameters():
             return p.device
     return torch.device("cpu")
+
+
+def _to(cond: Any, device: torch.device) -> Any:
+    from fewstep._util import tree_map
+
+    return None if cond is None else tree_map(lambda v: v.to(device), dict(cond))
+
+
+class ValidationImages:
+    """Validation images of a latent student: fixed noise per prompt, the student's sampler at
+    each NFE, VAE-decoded (``z / scaling_factor + shift_factor``) and saved as one PNG grid per
+    call (``folder/step-<N>.png``: a row per NFE, a column per prompt).
+
+    Args:
+        encoder: the :class:`fewstep.distill.encode.PipelineEncoder` of the teacher pipeline.
+        prompts: the validation prompts.
+        folder: where the grids go.
+        sampler, options: the student's registry sampler and its options.
+        nfes: step counts, one row each.
+        guidance_scale: ``w`` for students with a guidance embedding (``None``: none).
+        seed: the noise's seed.
+    """
+
+    def __init__(self, encoder: Any, prompts: Sequence[str], folder: Any, sampler: str, options: Mapping[str, Any] | None = None,
+                 nfes: Sequence[int] = (1, 2, 4), guidance_scale: float | None = None, seed: int = 0):
+        from pathlib import Path
+
+        if not prompts:
+            raise ValueError("give at least one validation prompt")
+        self.encoder, self.prompts, self.folder = encoder, list(prompts), Path(folder)
+        self.sampler, self.options, self.nfes = sampler, dict(options or {}), tuple(nfes)
+        self.guidance_scale, self.seed = guidance_scale, int(seed)
+
+    def __call__(self, student: Any, step: int) -> dict[str, float]:
+        import numpy as np
+        from PIL import Image
+
+        dev = _device_of(student)
+        enc = self.encoder.to(dev)
+        cond = enc.text(self.prompts)
+        if self.guidance_scale is not None:
+            cond["guidance_scale"] = float(self.guidance_scale)
+        shape = enc.latent_shape(enc.resolution)
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((len(self.prompts), *shape), generator=g).to(dev)
+        rows = []
+        with torch.no_grad():
+            for k in self.nfes:
+                z = sample_consistency(student, noise, self.sampler, k, student.schedule, self.options, cond, self.seed)
+                x = enc.vae.decode(z.float() / enc.scaling_factor + enc.shift_factor).sample
+                rows.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows*H, cols*W)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())).save(self.folder / f"step-{int(step):07d}.png")
+        return {"validation_images": float(len(self.prompts) * len(self.nfes))}

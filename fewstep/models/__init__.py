@@ -3,9 +3,10 @@ Gaussian-mixture model."""
 
 from fewstep.models.diffusers_models import DiffusersDenoiser
 from fewstep.models.guidance import ClassifierFreeGuidance
-from fewstep.models.mixture import GaussianMixture, MixtureDenoiser, digits_data
+from fewstep.models.mixture import GaussianMixture, MixtureDenoiser, MixtureVelocity, digits_data
 from fewstep.models.prediction import (
     PREDICTION_TYPES,
+    EDMPreconditioning,
     PredictionDenoiser,
     canonical_prediction_type,
     check_prediction_type,
@@ -20,6 +21,8 @@ __all__ = [
     "ClassifierFreeGuidance",
     "GaussianMixture",
     "MixtureDenoiser",
+    "MixtureVelocity",
+    "EDMPreconditioning",
     "digits_data",
     "canonical_prediction_type",
     "check_prediction_type",

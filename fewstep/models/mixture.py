@@ -31,6 +31,16 @@ eq. 13) is solved in two well-conditioned variables (derivations in :meth:`Gauss
   ``s = 0`` (clean data), integrated in ``u = log(s + c)``;
 * high noise: ``w = x / sigma`` against ``tau = alpha / sigma = exp(lambda)``,
   ``dw/dtau = E[x_0 | w = tau x_0 + eps]``, regular at ``tau = 0`` (zero SNR).
+
+**Flow-matching form.**  Under rectified flow (Liu et al. 2023; Lipman et al. 2023; Esser et al.
+2024), ``x_t = (1 - t) x_0 + t eps`` on ``t in [0, 1]``: the same closed-form denoiser with
+``alpha = 1 - t``, ``sigma = t``, and the velocity a flow network is trained to output is
+``u(x, t) = E[eps - x_0 | x_t = x] = (x - D(x, t)) / t`` (:meth:`GaussianMixture.flow_velocity`).  The
+probability-flow ODE in flow time is ``dx/dt = u(x, t)``; its exact solution is the same map as
+above (it depends on the schedule only through ``lambda = log((1 - t) / t)`` at the two ends), and
+it starts at ``t = 1`` (``sigma = 1``, zero SNR) from the noise itself
+(:meth:`GaussianMixture.flow_ode_solve`).  :class:`MixtureVelocity` is the velocity as a diffusers
+flow network sees it (timestep ``N t``).
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from fewstep.schedules import NoiseSchedule
 __all__ = [
     "GaussianMixture",
     "MixtureDenoiser",
+    "MixtureVelocity",
     "digits_data",
     "DIGITS_REG_COVAR",
     "DIGITS_SPLIT_SEED",
@@ -498,6 +509,36 @@ class GaussianMixture:
         :class:`MixtureDenoiser`)."""
         return MixtureDenoiser(self, schedule)
 
+    # -- the flow-matching form ----------------------------------------------------------------------
+    def flow_denoiser(self, shift: float = 1.0, num_train_timesteps: int = 1000) -> MixtureDenoiser:
+        """The exact denoiser in rectified-flow time (``alpha = 1 - t``, ``sigma = t``; ``shift`` only
+        places the default grid, see :class:`fewstep.schedules.FlowMatching`)."""
+        from fewstep.schedules import FlowMatching
+
+        return MixtureDenoiser(self, FlowMatching(shift, num_train_timesteps))
+
+    def flow_velocity(self, x: torch.Tensor, t: Scalar) -> torch.Tensor:
+        """The exact flow-matching velocity ``u(x, t) = E[eps - x_0 | (1 - t) x_0 + t eps = x]
+        = (x - D(x, t)) / t`` for ``t in (0, 1]`` (a float, 0-d or (B,) tensor); at ``t = 1`` it is
+        ``x - E[x_0]``.  This is the target of conditional flow matching (Lipman et al. 2023, eq. 23
+        with the rectified path), in ``x``'s dtype."""
+        xf, shape = self._flatten(x)
+        tt = self._coef(t, xf.shape[0], xf.device, "t")
+        if bool((tt <= 0).any()) or bool((tt > 1).any()):
+            raise ValueError(f"flow time t must be in (0, 1] (t = 0 is clean data, where the velocity is not defined), got {tt.tolist()}")
+        d = self.posterior_mean(xf, 1.0 - tt, tt)
+        tb = tt.reshape(-1, 1) if tt.ndim else tt
+        out = ((xf - d) / tb).reshape(shape)
+        return out.to(device=x.device, dtype=x.dtype) if isinstance(x, torch.Tensor) else out
+
+    def flow_ode_solve(self, x: ArrayLike, t_from: float = 1.0, t_to: float = 0.0, rtol: float = 1e-9, atol: float = 1e-9) -> torch.Tensor:
+        """The exact solution of ``dx/dt = u(x, t)`` in flow time from ``t_from`` (default 1: pure
+        noise, ``x`` is the noise itself) to ``t_to`` (default 0: the sample): :meth:`ode_solve` on the
+        rectified-flow schedule, whose change of variables is exact at both ends."""
+        from fewstep.schedules import FlowMatching
+
+        return self.ode_solve(x, FlowMatching(), t_from, t_to, rtol=rtol, atol=atol)
+
     # -- the exact probability-flow ODE ------------------------------------------------------------
     def ode_solve(
         self,
@@ -707,6 +748,26 @@ class MixtureDenoiser:
 
     def __repr__(self) -> str:
         return f"MixtureDenoiser({self.mixture!r}, {self.schedule!r})"
+
+
+class MixtureVelocity:
+    """The exact flow velocity as a diffusers flow network outputs it: ``net(x, timestep)`` with
+    ``timestep = N t`` (``N = num_train_timesteps``, SD3 / Wan / SANA units; pass
+    ``timestep_scale=1`` for Flux's ``t``).  Time-independent of any shift: the shift moves a
+    scheduler's grid, not the process.  ``nfe`` counts the calls."""
+
+    def __init__(self, mixture: GaussianMixture, num_train_timesteps: int = 1000, timestep_scale: float | None = None):
+        self.mixture = mixture
+        self.scale = float(timestep_scale) if timestep_scale is not None else float(num_train_timesteps)
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, timestep: Scalar, **kwargs: Any) -> torch.Tensor:
+        if kwargs:
+            raise TypeError(f"the mixture velocity takes no conditioning, got {', '.join(sorted(kwargs))}")
+        ts = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().flatten()
+        t = ts[0] if ts.numel() == 1 or bool((ts == ts[0]).all()) else ts
+        self.nfe += 1
+        return self.mixture.flow_velocity(x, t / self.scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ prediction) in the schedule's own time ``t``.  Networks predict other things; wi
 * ``v_prediction``:     ``x0 = alpha x - sigma v``, ``v = alpha eps - sigma x0``  (Salimans & Ho 2022, VP only)
 * ``flow_prediction``:  ``x0 = x - t u``, ``u = eps - x0``               (rectified flow, ``alpha = 1 - t``)
 
+Networks trained with EDM's preconditioning (Karras et al. 2022, Table 1) are instead read through
+:class:`EDMPreconditioning`: ``D = c_skip x + c_out F(c_in x, c_noise)``.
+
 :func:`to_x0` and :func:`from_x0` are the single place these formulas live; the pull-style
 :class:`PredictionDenoiser`, the diffusers wrappers and the diffusers scheduler adapter all call
 them.
@@ -30,6 +33,7 @@ __all__ = [
     "to_x0",
     "from_x0",
     "PredictionDenoiser",
+    "EDMPreconditioning",
     "Denoiser",
 ]
 
@@ -144,6 +148,49 @@ def time_tensor(t: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(t), device=device, dtype=dtype)
 
 
+class EDMPreconditioning:
+    """EDM's preconditioning (Karras, Aittala, Aila & Laine 2022, "Elucidating the Design Space of
+    Diffusion-Based Generative Models", Table 1, column "Ours"): with ``sigma_d`` the data standard
+    deviation,
+
+    ``c_in = 1 / sqrt(sigma^2 + sigma_d^2)``, ``c_skip = sigma_d^2 / (sigma^2 + sigma_d^2)``,
+    ``c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2)``, ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)``,
+
+    where ``c_noise`` is the schedule's :meth:`~fewstep.schedules.EDM.model_timestep`.  The prediction
+    type says what ``F`` is, with diffusers' names (``EDMEulerScheduler.precondition_outputs``):
+    ``"epsilon"`` is the paper's ``F`` (``+c_out``), ``"v_prediction"`` its negative (``-c_out``),
+    ``"sample"`` a data prediction (``D = F``).  ``sigma`` is the EDM time itself."""
+
+    TYPES = ("epsilon", "v_prediction", "sample")
+
+    def __init__(self, sigma_data: float, prediction_type: str):
+        p = canonical_prediction_type(prediction_type)
+        if p not in self.TYPES:
+            raise ValueError(
+                f"an EDM-preconditioned network predicts 'epsilon' (EDM's F), 'v_prediction' (-F) or 'sample', "
+                f"not {prediction_type!r}"
+            )
+        self.sigma_data = float(sigma_data)
+        self.prediction_type = p
+
+    def c_in(self, sigma: Scalar) -> Scalar:
+        return (sigma * sigma + self.sigma_data**2) ** -0.5
+
+    def c_skip_out(self, sigma: Scalar) -> tuple[Scalar, Scalar]:
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma * sigma + sd2)
+        c_out = sigma * self.sigma_data / (sigma * sigma + sd2) ** 0.5
+        return c_skip, -c_out if self.prediction_type == "v_prediction" else c_out
+
+    def to_x0(self, output: torch.Tensor, x: torch.Tensor, sigma: Scalar) -> torch.Tensor:
+        """``c_skip x + c_out output`` in ``promote(x.dtype, float32)`` (``output`` for ``"sample"``)."""
+        out, xx, _, s = _operands(output, x, 1.0, sigma)
+        if self.prediction_type == "sample":
+            return out
+        c_skip, c_out = self.c_skip_out(s)
+        return c_skip * xx + c_out * out
+
+
 class PredictionDenoiser(torch.nn.Module):
     """Turns a network ``model(x, timestep, **cond) -> prediction`` into a denoiser
     ``D(x, t, **cond) -> x0_hat``.
@@ -162,11 +209,18 @@ class PredictionDenoiser(torch.nn.Module):
         prediction_type: str = "epsilon",
         timestep_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
+        precondition: EDMPreconditioning | None = None,
     ):
         super().__init__()
         self.model = model
         self.schedule = schedule
-        self.prediction_type = check_prediction_type(prediction_type, schedule)
+        self.precondition = precondition
+        if precondition is not None:
+            if schedule.kind != "ve":
+                raise ValueError(f"EDM preconditioning needs an EDM (variance-exploding) schedule, got {schedule!r}")
+            self.prediction_type = precondition.prediction_type
+        else:
+            self.prediction_type = check_prediction_type(prediction_type, schedule)
         self.timestep_fn = timestep_fn
         self.output_fn = output_fn
 
@@ -177,7 +231,9 @@ class PredictionDenoiser(torch.nn.Module):
     def predict(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         """The network's raw prediction at schedule time ``t``."""
         t = time_tensor(t, x.device)
-        out = self.model(x, self.model_timestep(t), **cond)
+        if self.precondition is not None:  # the network sees c_in x (EDM, Table 1)
+            x = x * _bcast(self.precondition.c_in(t.to("cpu", torch.float64)), x)
+        out = self.call_model(x, self.model_timestep(t), **cond)
         if self.output_fn is not None:
             out = self.output_fn(out)
         elif not isinstance(out, torch.Tensor):
@@ -185,6 +241,10 @@ class PredictionDenoiser(torch.nn.Module):
         if out.shape != x.shape and out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # learned variance: keep the mean prediction
         return out
+
+    def call_model(self, x: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> Any:
+        """The network call; subclasses change the calling convention (keywords, batched timesteps)."""
+        return self.model(x, timestep, **cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         t = time_tensor(t, x.device)
@@ -195,4 +255,6 @@ class PredictionDenoiser(torch.nn.Module):
         alpha, sigma = self.schedule.alpha(tt), self.schedule.sigma(tt)
         if tt.ndim == 0:
             alpha, sigma = float(alpha), float(sigma)
+        if self.precondition is not None:
+            return self.precondition.to_x0(out, x, sigma)
         return to_x0(self.prediction_type, out, x, alpha, sigma)

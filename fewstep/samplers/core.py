@@ -24,7 +24,7 @@ import torch
 
 from fewstep._util import close_matches
 from fewstep.models.prediction import time_tensor
-from fewstep.schedules import NoiseSchedule, Spacing, default_spacing, is_explicit_grid, k_sigma, time_grid
+from fewstep.schedules import GridRule, NoiseSchedule, Spacing, default_spacing, is_explicit_grid, k_sigma, time_grid
 from fewstep.samplers.registry import SamplerSpec, resolve, spec
 
 __all__ = [
@@ -151,14 +151,21 @@ class Setup:
     def points(self, times: Sequence[float] | torch.Tensor) -> list[Point]:
         return points(self.schedule, times)
 
-    def explicit_grid(self) -> bool:
-        """Whether the caller gave the grid itself (a list of times) rather than a spacing name."""
-        return self.spacing is not None and is_explicit_grid(self.spacing)
+    @property
+    def explicit_grid(self) -> torch.Tensor | None:
+        """The caller's grid when ``spacing`` is a list of times (it fixes the steps), else ``None``
+        (a spacing name, a ``{"name": ...}`` mapping or a :class:`~fewstep.schedules.GridRule`
+        lets the budget choose them)."""
+        if self.spacing is None or not is_explicit_grid(self.spacing):
+            return None
+        return torch.as_tensor(self.spacing, dtype=torch.float64).flatten()
 
     def ends_on_data(self) -> bool:
         """Whether the grid will finish on clean data (``sigma = 0``)."""
-        if self.explicit_grid():
-            last = float(torch.as_tensor(self.spacing, dtype=torch.float64).flatten()[-1])
+        if isinstance(self.spacing, GridRule):
+            last = self.spacing.end_time
+        elif self.explicit_grid is not None:
+            last = float(self.explicit_grid[-1])
         else:
             last = self.schedule.t_zero if self.end == "zero" else self.schedule.t_min
         return self.schedule.sigma(last) == 0.0
@@ -361,8 +368,8 @@ def steps_to_nfe(
     s, spacing, _ = _resolved(sampler, spacing, {})
     steps = _check_steps(steps)
     setup = Setup(s, schedule, 0, {}, spacing, end)
-    if setup.explicit_grid():
-        n_grid = len(torch.as_tensor(spacing, dtype=torch.float64).flatten()) - 1
+    if setup.explicit_grid is not None:
+        n_grid = len(setup.explicit_grid) - 1
         if n_grid != steps:
             raise ValueError(f"the given grid has {n_grid} steps, not steps={steps}")
     return s.nfe_for_steps(steps, setup.ends_on_data())

@@ -108,9 +108,10 @@ def two_stage_grid(setup: Setup) -> tuple[object, int, int]:
     final step onto clean data and (by :func:`heun_plan`) Euler first steps for the parity and
     at a zero-SNR start."""
     to_data = setup.ends_on_data()
-    if setup.explicit_grid():
-        n_steps = len(setup.spacing) - 1
-        euler_first = 1 if _zero_snr(setup, setup.spacing[0]) else 0
+    explicit = setup.explicit_grid
+    if explicit is not None:
+        n_steps = len(explicit) - 1
+        euler_first = 1 if _zero_snr(setup, float(explicit[0])) else 0
         needed = euler_first + 2 * (n_steps - euler_first - to_data) + to_data
         if setup.nfe != needed:
             raise ValueError(
