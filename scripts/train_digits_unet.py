@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-nfe", type=int, default=100, help="NFE of the final FID (dpmpp_2m)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--save-every-eval", action="store_true", help="also save the EMA weights at every FID check")
+    p.add_argument("--immiscible", nargs="?", const="exact", choices=["exact", "fp16"], default=None,
+                   help="immiscible diffusion (Li et al. 2024): assign each batch's noises to its images by minimum total "
+                   "distance (fewstep.distill.NoiseAssignment); the shipped weights were trained without")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ema = copy.deepcopy(model).requires_grad_(False)
     print(f"UNet2DModel: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters", flush=True)
     acp = digits_scheduler().alphas_cumprod.to(torch.float32)
+    assign = None
+    if args.immiscible is not None:
+        from fewstep.distill.immiscible import NoiseAssignment
+
+        assign = NoiseAssignment(method=args.immiscible)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         x0 = data[idx]
         t = torch.randint(0, len(acp), (args.batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
+        if assign is not None:
+            eps = assign(x0, eps)
         a = acp[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
         loss = torch.mean((model(a * x0 + s * eps, t).sample - eps) ** 2)

@@ -1,7 +1,8 @@
 """A small distillation run for the process-level tests (SIGKILL resume, two processes).
 
     python tests/distill_job.py OUT --steps 40 [--checkpoint-every 10] [--resume latest]
-                                [--batch-size 16] [--nan-at STEP:INDEX]
+                                [--batch-size 16] [--nan-at STEP:INDEX] [--grad-accum 1]
+                                [--immiscible]
 
 CD on an exact 8-dimensional Gaussian mixture with a small MLP student, one CPU thread, every
 setting fixed, so two runs that see the same global batch produce the same weights.  Launched
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--nan-at", default=None)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--immiscible", action="store_true", help="assign each micro-batch's noises to its data")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -69,10 +72,11 @@ def main(argv=None) -> int:
         data = NaNAt(data, step, index)
     torch.manual_seed(0)
     net = MLPNet(dim=8, hidden=32, depth=2, time_embed_dim=16)
-    cfg = DistillConfig(output_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=1e-3,
+    cfg = DistillConfig(output_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=1e-3, grad_accum=args.grad_accum,
                         checkpoint_every=args.checkpoint_every, keep_checkpoints=2, resume=args.resume,
                         progress=False, log_every=5, cpu=True)
-    run = Distiller(CD(num_intervals=8, teacher_sampler="dpmpp_2s"), data, gm.denoiser(schedule), net,
+    objective = CD(num_intervals=8, teacher_sampler="dpmpp_2s", noise_assignment=True if args.immiscible else None)
+    run = Distiller(objective, data, gm.denoiser(schedule), net,
                     prediction_type="sample", config=cfg).train()
     print(f"done step={run.step} skipped={run.skipped_steps} processes={run.processes} resumed={run.resumed_from}", flush=True)
     return 0

@@ -309,6 +309,13 @@ DISTILL_CASES = [
     (["--objective", "ict", "--target-ema", "0.5"], ["--target-ema", "ict"]),
     (["--objective", "ict", "--num-intervals", "10", "--teacher-sampler", "ddim"], ["--num-intervals", "--teacher-sampler", "ict"]),
     (["--segments", "2"], ["--segments 2", "mcd"]),
+    # sLCT and immiscible assignment (issue 18)
+    (["--objective", "slct", "--num-intervals", "10"], ["--num-intervals", "slct"]),
+    (["--objective", "slct", "--immiscible"], ["--immiscible", "optimal-transport", "--slct-without ot"]),
+    (["--slct-without", "ot"], ["--slct-without", "--objective slct only"]),
+    (["--objective", "slct", "--slct-without", "ot,layernorm"], ["--slct-without", "'layernorm'", "adaptive_c"]),
+    (["--objective", "slct", "--slct-without", "cauchy", "--loss", "l2"], ["--loss l2", "--slct-without cauchy"]),
+    (["--immiscible", "greedy"], ["--immiscible", "'greedy'", "exact"]),
     (["--objective", "mcd", "--num-intervals", "10", "--segments", "4"], ["--segments 4", "--num-intervals 10"]),
     (["--objective", "mcd", "--segments", "5"], ["--segments 5", "--num-intervals 32"]),
     (["--objective", "lcd"], ["--objective lcd", "--teacher"]),

@@ -179,3 +179,28 @@ def test_fewstep_distill_lcd_on_a_tensor_dict_exits_0_with_the_guided_probe(tmp_
     assert "teacher (dpmpp_2m, w=11)" in out.out  # (6 + 16) / 2
     rows = json.loads((tmp_path / "run" / "quality.json").read_text())
     assert len(rows) == 5 and all(r["rmse"] == r["rmse"] for r in rows)  # finite numbers, no NaN
+
+
+def test_fewstep_distill_slct_and_immiscible_ict(tmp_path, capsys):
+    """`--objective slct --slct-without diffusion` and `--objective ict --immiscible fp16` on a
+    teacher folder: both train, and the student's metadata records the ingredients and the
+    assignment (sLCT's OT coupling with the squared cost; iCT's fp16 assignment with the L2 cost)."""
+    from fewstep.cli import main
+
+    _tiny_pipeline(tmp_path / "pipe")
+    torch.save(torch.rand(16, 1, 8, 8) * 2 - 1, tmp_path / "data.pt")
+    common = ["distill", "--teacher", str(tmp_path / "pipe"), "--data", str(tmp_path / "data.pt"), "--steps", "2",
+              "--batch-size", "4", "--probe-samples", "4", "--quiet"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--objective", "slct", "--slct-without", "diffusion", "--out", str(tmp_path / "s")]) == 0
+        assert main([*common, "--objective", "ict", "--immiscible", "fp16", "--out", str(tmp_path / "i")]) == 0
+    finally:
+        torch.set_num_threads(n)
+    s = json.loads((tmp_path / "s" / "student" / "fewstep_student.json").read_text())
+    i = json.loads((tmp_path / "i" / "student" / "fewstep_student.json").read_text())
+    assert s["objective"] == "slct" and s["loss"] == "cauchy" and s["diffusion_loss"]["weight"] == 0.0
+    assert s["noise_assignment"] == {"method": "exact", "cost": "sqeuclidean", "block_size": None}
+    assert i["objective"] == "ict" and i["noise_assignment"] == {"method": "fp16", "cost": "l2", "block_size": None}
+    assert "student (slct, cm_multistep)" in capsys.readouterr().out

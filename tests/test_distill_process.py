@@ -90,6 +90,24 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert _max_diff(_weights(one), _weights(two)) < 1e-6
 
 
+def test_immiscible_assignment_is_the_same_on_one_and_two_processes(tmp_path):
+    """Immiscible noise assignment is done within each process's micro-batch: two processes with
+    grad_accum 1 and one process with grad_accum 2 see the same micro-batches (global indices 0-7
+    and 8-15), so they assign the same noises and train the same student (to float32 summation
+    order, 1e-6); the assignment does act (the student differs from the one trained with
+    independent noise by more than 1e-3)."""
+    one, two, plain = tmp_path / "one", tmp_path / "two", tmp_path / "plain"
+    _run([one, "--steps", 20, "--checkpoint-every", 20, "--immiscible", "--grad-accum", 2])
+    _run([plain, "--steps", 20, "--checkpoint-every", 20, "--grad-accum", 2])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(_free_port()), str(JOB), str(two), "--steps", "20", "--checkpoint-every", "20", "--immiscible"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("processes=2") == 2
+    assert _max_diff(_weights(one), _weights(two)) < 1e-6
+    assert _max_diff(_weights(one), _weights(plain)) > 1e-3
+
+
 FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 num_processes: 2

@@ -49,7 +49,7 @@ def add_distill_parser(sub: Any) -> None:
         help="distil a few-step consistency student (default: the embedded digits UNet, CPU, < 15 min)",
         description=__doc__.splitlines()[0] + " With no arguments: the embedded digits teacher on the CPU.",
     )
-    d.add_argument("--objective", choices=["cd", "lcd", "mcd", "ict"], default=None, help="default: cd")
+    d.add_argument("--objective", choices=["cd", "lcd", "mcd", "ict", "slct"], default=None, help="default: cd")
     d.add_argument("--teacher", type=Path, default=None, help="diffusers pipeline folder (default: embedded digits UNet)")
     d.add_argument("--student", type=Path, default=None, help="diffusers model folder to start the student from (default: the teacher's weights)")
     d.add_argument(
@@ -74,7 +74,12 @@ def add_distill_parser(sub: Any) -> None:
                    help=f"training grid intervals (CD: {DIGITS_DEFAULTS['num_intervals']}, MCD: 32), DDIM steps (LCD: 50)")
     d.add_argument("--segments", type=check.positive_int, default=None, help="MCD segments, dividing --num-intervals (default: 4)")
     d.add_argument("--teacher-sampler", default=None, help="registry sampler of the teacher's step (default: ddim)")
-    d.add_argument("--loss", choices=["l2", "pseudo_huber", "huber"], default=None, help="consistency distance (default: the objective's)")
+    d.add_argument("--loss", choices=["l2", "pseudo_huber", "huber", "cauchy"], default=None, help="consistency distance (default: the objective's)")
+    d.add_argument("--immiscible", nargs="?", const="exact", choices=["exact", "fp16"], default=None,
+                   help="immiscible diffusion (Li et al. 2024): assign each micro-batch's noises to its data by minimum total "
+                   "distance before noising (exact linear assignment, or on fp16 costs); sLCT's OT coupling does this already")
+    d.add_argument("--slct-without", type=check.name_list, default=None, metavar="NAMES",
+                   help="sLCT ingredients to switch off, comma-separated: cauchy, diffusion, ot, adaptive_c (all off: iCT)")
     d.add_argument("--target-ema", type=check.unit_interval, default=None, help="EMA rate of the target network, in [0, 1) (0: stop-gradient)")
     d.add_argument("--out", type=Path, default=Path("distill-out"), help="output folder (default: %(default)s)")
     d.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
@@ -196,8 +201,14 @@ def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any
         common["loss"] = args.loss
     sampler = DIGITS_DEFAULTS["teacher_sampler"] if args.teacher_sampler is None else args.teacher_sampler
     n = args.num_intervals
+    assigned = {"noise_assignment": args.immiscible} if args.immiscible is not None else {}
+    if args.objective == "slct":
+        from fewstep.distill.slct import SLCT
+
+        return SLCT.without(args.slct_without or (), **({"loss": args.loss} if args.loss is not None else {}))
     if args.objective == "ict":
-        return ICT(**({"loss": args.loss} if args.loss is not None else {}))
+        return ICT(**({"loss": args.loss} if args.loss is not None else {}), **assigned)
+    common.update(assigned)
     if args.objective == "lcd":
         lcd: dict[str, Any] = {"skip": 1 if args.skip is None else args.skip, "guidance_range": args.guidance_range}
         if args.lora:
@@ -286,6 +297,24 @@ def _check_lcd_options(args: argparse.Namespace, kind: str | None) -> None:
             raise UsageError("--optimizer adamw8bit: bitsandbytes is not installed (pip install bitsandbytes); use --optimizer adamw")
 
 
+def _check_slct_options(args: argparse.Namespace) -> None:
+    """``--slct-without`` only with sLCT and known names; ``--immiscible`` not with sLCT (its OT
+    coupling is the same assignment); ``--loss`` not with ``--slct-without cauchy``."""
+    without = args.slct_without or []
+    if without and args.objective != "slct":
+        raise UsageError(f"--slct-without applies to --objective slct only (got --objective {args.objective})")
+    from fewstep.distill.slct import INGREDIENTS
+
+    bad = [w for w in without if w not in INGREDIENTS]
+    if bad:
+        raise UsageError(f"--slct-without {bad[0]!r}: choose from {', '.join(INGREDIENTS)}")
+    if args.objective == "slct" and args.immiscible is not None:
+        raise UsageError("--immiscible with --objective slct: sLCT already assigns noise to data (its optimal-transport "
+                         "coupling, squared-distance cost); leave --immiscible out, or --slct-without ot to turn it off")
+    if "cauchy" in without and args.loss is not None:
+        raise UsageError(f"--loss {args.loss} with --slct-without cauchy: give one of them")
+
+
 def _check_distill(args: argparse.Namespace) -> None:
     """Every value of ``fewstep distill`` that can be checked without loading or computing anything."""
     objective = args.objective
@@ -346,12 +375,13 @@ def _check_distill(args: argparse.Namespace) -> None:
         if not cfg.is_file():
             raise UsageError(f"--student {str(args.student)!r} has no config.json; give a diffusers model folder (model.save_pretrained(folder))")
         _network_class(_read_json(cfg, "--student"), cfg, "--student")
-    if objective == "ict":
+    if objective in ("ict", "slct"):
         given = [k for k, v in (("--num-intervals", args.num_intervals), ("--teacher-sampler", args.teacher_sampler),
                                 ("--target-ema", args.target_ema), ("--segments", args.segments)) if v is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --objective ict "
+            raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --objective {objective} "
                              "(improved consistency training has its own noise curriculum, no teacher step and no EMA target)")
+    _check_slct_options(args)
     if args.segments is not None and objective != "mcd":
         raise UsageError(f"--segments {args.segments} applies to --objective mcd only")
     if args.teacher_sampler is not None:

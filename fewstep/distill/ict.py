@@ -40,7 +40,9 @@ __all__ = ["ICT"]
 
 
 class ICT(ConsistencyObjective):
-    """Improved consistency training (no teacher); ``target_ema`` is fixed at 0."""
+    """Improved consistency training (no teacher); ``target_ema`` is fixed at 0.
+    ``noise_assignment``: immiscible noise assignment of each micro-batch
+    (:mod:`fewstep.distill.immiscible`; ``None``: independent noise, the paper's)."""
 
     name = "ict"
     paper = "Song & Dhariwal 2023, Improved Techniques for Training Consistency Models"
@@ -59,8 +61,10 @@ class ICT(ConsistencyObjective):
         loss_c: float | None = None,
         boundary_scale: float = 1.0,
         sigma_data: float = 0.5,
+        noise_assignment: Any = None,
     ):
-        super().__init__(loss=loss, loss_c=loss_c, target_ema=0.0, boundary_scale=boundary_scale, sigma_data=sigma_data)
+        super().__init__(loss=loss, loss_c=loss_c, target_ema=0.0, boundary_scale=boundary_scale, sigma_data=sigma_data,
+                         noise_assignment=noise_assignment)
         if not (isinstance(s0, int) and isinstance(s1, int) and 1 <= s0 <= s1):
             raise ValueError(f"need integers 1 <= s0 <= s1 for the curriculum, got s0={s0!r}, s1={s1!r}")
         if not p_std > 0:

@@ -27,13 +27,14 @@ from typing import Any, ClassVar
 import torch
 
 from fewstep.distill.data import randint, randn
+from fewstep.distill.immiscible import noise_assignment as noise_assignment_option
 from fewstep.distill.student import BoundaryCondition
 from fewstep.distill.teacher import IntervalSolver
 from fewstep.schedules import NoiseSchedule
 
 __all__ = ["Batch", "Models", "ConsistencyObjective", "LOSSES", "consistency_distance", "RandomState"]
 
-LOSSES = ("l2", "pseudo_huber", "huber")
+LOSSES = ("l2", "pseudo_huber", "huber", "cauchy")
 
 
 @dataclass
@@ -85,6 +86,10 @@ def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) 
     * ``pseudo_huber``: ``sqrt(||a - b||^2 + c^2) - c`` over the whole sample (Song & Dhariwal
       2023, "Improved Techniques for Training Consistency Models", sec. 3.3).
     * ``huber``: the same per element, then the mean (LCM's training code, ``c = 0.001``).
+    * ``cauchy``: ``log(1 + ||a - b||^2 / (2 c^2))`` over the whole sample (Dao et al. 2025,
+      "Improved Training Technique for Latent Consistency Models", sec. 4.1; Barron's robust loss
+      with shape 0): it grows only logarithmically, so outlying pairs weigh far less than under
+      pseudo-Huber, whose tail is linear.
     """
     diff = (a - b).flatten(1).float()
     if kind == "l2":
@@ -93,12 +98,18 @@ def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) 
         return torch.sqrt(diff.square().sum(1) + c * c) - c
     if kind == "huber":
         return (torch.sqrt(diff.square() + c * c) - c).mean(1)
+    if kind == "cauchy":
+        return torch.log1p(diff.square().sum(1) / (2.0 * c * c))
     raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
 class ConsistencyObjective(ABC):
     """Base class of the objectives.  Construct with the options; the trainer then calls
-    :meth:`bind` once (schedule, data shape, number of steps) and :meth:`loss` per micro-batch."""
+    :meth:`bind` once (schedule, data shape, number of steps) and :meth:`loss` per micro-batch.
+
+    ``noise_assignment`` (every objective): ``True``, ``"exact"``, ``"fp16"`` or a
+    :class:`fewstep.distill.immiscible.NoiseAssignment` assigns each micro-batch's noises to its
+    data before noising (immiscible diffusion, Li et al. 2024); ``None``: independent noise."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
@@ -106,7 +117,8 @@ class ConsistencyObjective(ABC):
     #: the registry sampler the student is meant for (recorded with the checkpoint)
     sampler: ClassVar[str] = "cm_multistep"
 
-    def __init__(self, *, loss: str = "l2", loss_c: float | None = None, target_ema: float = 0.95, boundary_scale: float = 10.0, sigma_data: float = 0.5):
+    def __init__(self, *, loss: str = "l2", loss_c: float | None = None, target_ema: float = 0.95, boundary_scale: float = 10.0, sigma_data: float = 0.5,
+                 noise_assignment: Any = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
         if not 0.0 <= float(target_ema) < 1.0:
@@ -116,6 +128,8 @@ class ConsistencyObjective(ABC):
         self.target_ema = float(target_ema)
         self.boundary_scale = float(boundary_scale)
         self.sigma_data = float(sigma_data)
+        #: immiscible noise assignment (:mod:`fewstep.distill.immiscible`), or None: independent noise
+        self.noise_assignment = noise_assignment_option(noise_assignment)
         self.schedule: NoiseSchedule | None = None
         self.data_shape: tuple[int, ...] = ()
         self.total_steps = 0
@@ -129,7 +143,7 @@ class ConsistencyObjective(ABC):
         self.total_steps = int(total_steps)
         if self.loss_c is None:
             d = math.prod(self.data_shape)
-            self.loss_c = 0.00054 * math.sqrt(d) if self.loss_kind == "pseudo_huber" else 0.001
+            self.loss_c = 0.00054 * math.sqrt(d) if self.loss_kind in ("pseudo_huber", "cauchy") else 0.001
         self.edge_solver = IntervalSolver("ddim", schedule)
 
     @abstractmethod
@@ -155,6 +169,7 @@ class ConsistencyObjective(ABC):
             "loss": self.loss_kind,
             "loss_c": self.loss_c,
             "target_ema": self.target_ema,
+            "noise_assignment": self.noise_assignment.describe() if self.noise_assignment is not None else None,
         }
 
     # -- per-batch pieces subclasses may change ---------------------------------------------------
@@ -170,6 +185,21 @@ class ConsistencyObjective(ABC):
         """(B,) grid index of the point the consistency map of interval ``n`` lands on (0: the
         boundary)."""
         return torch.zeros_like(n)
+
+    def loss_scale(self, step: int) -> float:
+        """The distance's ``c`` at training step ``step``: :attr:`loss_c` (sLCT adapts it)."""
+        return float(self.loss_c)
+
+    def draw_noise(self, batch: Batch) -> torch.Tensor:
+        """The micro-batch's noise, one row per sample from its generator, then assigned to the
+        data by :attr:`noise_assignment` when one is set (a permutation of the rows)."""
+        eps = randn(batch.gens, batch.x0.shape[1:], device=batch.x0.device)
+        return eps if self.noise_assignment is None else self.noise_assignment(batch.x0, eps)
+
+    def auxiliary_loss(self, pred: torch.Tensor, batch: Batch, t_hi: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """A term added to the consistency loss (sLCT's diffusion loss), from the student's
+        prediction ``pred`` at ``x_{n+1}``; ``None`` by default."""
+        return None, {}
 
     def draw_extras(self, batch: Batch) -> dict[str, Any]:
         """Extra per-sample draws (the guidance scale in LCD); passed on to the calls below."""
@@ -223,7 +253,7 @@ class ConsistencyObjective(ABC):
         n = self.draw_intervals(batch, grid)
         e = self.edges(grid, n)
         t_hi, t_lo, t_edge = grid[n + self.skip], grid[n], grid[e]
-        eps = randn(batch.gens, batch.x0.shape[1:], device=batch.x0.device)
+        eps = self.draw_noise(batch)
         extras = self.draw_extras(batch)
         cond = self.network_cond(batch, extras)
         x_hi = self.noised(batch.x0, t_hi, eps)
@@ -235,6 +265,9 @@ class ConsistencyObjective(ABC):
         with torch.no_grad():
             target = self.reference(models, x_lo, t_lo, t_edge, cond, e == 0, x_hi, t_hi)
         w = self.weights(grid, n).to(pred.device, torch.float32)
-        per_sample = consistency_distance(pred, target.detach(), self.loss_kind, float(self.loss_c))
+        per_sample = consistency_distance(pred, target.detach(), self.loss_kind, self.loss_scale(batch.step))
         loss = (w * per_sample).mean()
-        return loss, {"intervals": float(len(grid) - self.skip)}
+        extra, logs = self.auxiliary_loss(pred, batch, t_hi, n)
+        if extra is not None:
+            loss = loss + extra
+        return loss, {"intervals": float(len(grid) - self.skip), **logs}
