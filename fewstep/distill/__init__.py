@@ -1,4 +1,5 @@
-"""Consistency distillation: objectives (CD, LCD, MCD, iCT), the student parameterisation, one
+"""Consistency distillation and its relatives: objectives (CD, LCD, MCD, iCT; BOOT, data-free; MMD
+finetuning through the sampler), the student parameterisation, one
 trainer on ``accelerate``, atomic checkpoints and students saved in diffusers format.
 
 Quick start (the exact digits mixture as teacher, a small MLP student)::
@@ -26,6 +27,12 @@ _WHERE = {
     "GuidedTeacher": "lcd",
     "MCD": "mcd",
     "ICT": "ict",
+    "BOOT": "boot",
+    "BootStudent": "boot",
+    "NoiseData": "boot",
+    "MMD": "mmd",
+    "TunedDenoiser": "mmd",
+    "Objective": "objective",
     "ConsistencyObjective": "objective",
     "consistency_distance": "objective",
     "BoundaryCondition": "student",
@@ -63,7 +70,7 @@ __all__ = sorted([*_WHERE, "OBJECTIVES"])
 
 def __getattr__(name: str) -> Any:
     if name == "OBJECTIVES":
-        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"))}
+        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"), ("boot", "BOOT"), ("mmd", "MMD"))}
     if name in _WHERE:
         return getattr(importlib.import_module(f"fewstep.distill.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'fewstep.distill' has no attribute {name!r}")

@@ -177,8 +177,15 @@ class DigitsFeatures:
                 "use InceptionFeatures or your own extractor for other images"
             )
         with torch.no_grad():
-            f = self.net.features(x.to(self.device, torch.float32).clamp(-1, 1)) * self.scale
+            f = self.differentiable(x.to(self.device, torch.float32))
         return f.cpu()
+
+    def differentiable(self, images: torch.Tensor) -> torch.Tensor:
+        """The same features with the autograd graph kept (on ``images``' device and dtype, the
+        network moved there): what MMD finetuning back-propagates through
+        (:mod:`fewstep.distill.mmd`).  The clamp to ``[-1, 1]`` passes no gradient to pixels outside."""
+        net = self.net.to(images.device, images.dtype)
+        return net.features(images.clamp(-1, 1)) * self.scale
 
     def __repr__(self) -> str:
         return f"DigitsFeatures(name={self.name!r}, dim={self.dim})"
