@@ -47,7 +47,7 @@ from fewstep.samplers.core import prepare
 from fewstep.samplers.registry import spec
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["MMD", "TunedDenoiser", "CheckpointedDenoiser", "mmd2_torch", "differentiable_extractor"]
+__all__ = ["MMD", "TunedDenoiser", "CheckpointedDenoiser", "mmd2_torch", "differentiable_extractor", "check_tunable"]
 
 
 def mmd2_torch(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,17 @@ def differentiable_extractor(extractor: Any) -> Callable[[torch.Tensor], torch.T
     if callable(extractor):
         return extractor
     raise TypeError(f"features must be 'digits', a DigitsFeatures or a torch callable, got {type(extractor).__name__}")
+
+
+def check_tunable(sampler: str, options: Mapping[str, Any]) -> None:
+    """``sampler`` is a deterministic registered diffusion sampler a model can be tuned for."""
+    s = spec(sampler)  # an unknown name is a ValueError with suggestions
+    if s.model_kind != "diffusion" or s.needs:
+        raise ValueError(f"MMD finetuning tunes a diffusion model for a diffusion sampler; {sampler!r} is a "
+                         f"{s.model_kind} sampler{' needing ' + ', '.join(s.needs) if s.needs else ''}")
+    if s.stochastic or (sampler == "ddim" and float(options.get("eta", 0.0)) != 0.0):
+        raise ValueError(f"{sampler!r} is stochastic with these options; MMD finetuning differentiates a deterministic "
+                         "sampler (ddim with eta=0, dpmpp_2m, heun, unipc_2, ...)")
 
 
 class CheckpointedDenoiser:
@@ -137,14 +148,8 @@ class MMD(Objective):
                  sampler_options: Mapping[str, Any] | None = None):
         if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
             raise ValueError(f"nfe must be a positive integer (the budget to tune for), got {nfe!r}")
-        s = spec(sampler)  # an unknown name is a ValueError with suggestions
         options = dict(sampler_options or {})
-        if s.model_kind != "diffusion" or s.needs:
-            raise ValueError(f"MMD finetuning tunes a diffusion model for a diffusion sampler; {sampler!r} is a "
-                             f"{s.model_kind} sampler{' needing ' + ', '.join(s.needs) if s.needs else ''}")
-        if s.stochastic or (sampler == "ddim" and float(options.get("eta", 0.0)) != 0.0):
-            raise ValueError(f"{sampler!r} is stochastic with these options; MMD finetuning here differentiates a deterministic "
-                             "sampler (ddim with eta=0, dpmpp_2m, heun, unipc_2, ...)")
+        check_tunable(sampler, options)
         self.nfe = nfe
         self.sampler = sampler  # the sampler the model is tuned for (and recorded with it)
         self.options = options
@@ -159,6 +164,9 @@ class MMD(Objective):
         if program.stochastic:
             raise ValueError(f"{self.sampler!r} with options {self.options} draws noise while sampling; choose a deterministic one")
         self.grid = program.grid.tolist()
+        if self.features_name == "digits" and self.data_shape != (1, 8, 8):
+            raise ValueError(f"the digit features take 8x8 grey images (1, 8, 8); this model's data has shape {self.data_shape}: "
+                             "pass features= a differentiable extractor for these images (a torch module on [-1, 1] images)")
 
     def make_student(self, network: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
                      guidance_embedding_dim: int | None = None) -> torch.nn.Module:

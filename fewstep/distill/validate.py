@@ -32,6 +32,8 @@ def sample_consistency(student: Callable[..., torch.Tensor], noise: torch.Tensor
     opts = dict(options or {})
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(noise.shape[0])]
     with torch.no_grad():
+        if hasattr(student, "generate"):  # BOOT: a one-step generator of noise, not a registry sampler's denoiser
+            return student.generate(noise, nfe, cond=cond, **opts)
         return fewstep.sample(student, noise, sampler, nfe, schedule=schedule, cond=cond, generator=gens, **opts)
 
 

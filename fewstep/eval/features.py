@@ -177,15 +177,18 @@ class DigitsFeatures:
                 "use InceptionFeatures or your own extractor for other images"
             )
         with torch.no_grad():
-            f = self.differentiable(x.to(self.device, torch.float32))
+            f = self.differentiable(x.to(self.device, torch.float32).clamp(-1, 1))
         return f.cpu()
 
     def differentiable(self, images: torch.Tensor) -> torch.Tensor:
-        """The same features with the autograd graph kept (on ``images``' device and dtype, the
-        network moved there): what MMD finetuning back-propagates through
-        (:mod:`fewstep.distill.mmd`).  The clamp to ``[-1, 1]`` passes no gradient to pixels outside."""
+        """The features with the autograd graph kept (on ``images``' device and dtype, the network
+        moved there), *without* the clamp: what MMD finetuning back-propagates through
+        (:mod:`fewstep.distill.mmd`).  A clamp would pass no gradient to pixels outside ``[-1, 1]``,
+        so nothing would stop a fine-tuned model's samples from leaving the image range; unclamped,
+        an out-of-range pixel changes the features and the loss sees it.  On images inside the
+        range this is exactly :meth:`__call__`."""
         net = self.net.to(images.device, images.dtype)
-        return net.features(images.clamp(-1, 1)) * self.scale
+        return net.features(images) * self.scale
 
     def __repr__(self) -> str:
         return f"DigitsFeatures(name={self.name!r}, dim={self.dim})"
