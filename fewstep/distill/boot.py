@@ -45,6 +45,7 @@ import torch
 
 from fewstep.distill.data import randint, randn
 from fewstep.distill.objective import Batch, Models, Objective
+from fewstep.distill.student import DenoiserStudent
 from fewstep.distill.teacher import IntervalSolver
 from fewstep.models.diffusers_models import DiffusersDenoiser
 from fewstep.models.prediction import time_tensor, to_x0
@@ -79,7 +80,7 @@ class NoiseData:
         return randn(gens, self.shape, device=device), {}
 
 
-class BootStudent(torch.nn.Module):
+class BootStudent(DenoiserStudent):
     """``g_theta(eps, t) -> y_t``: the network reads the starting noise and the time ``t`` and its
     raw output ``F`` is converted by ``prediction_type`` as a denoiser converts it at the noise's
     own level ``T = t_max``, where ``eps`` is the state (``sample``: ``y = F``; ``v_prediction``:
@@ -95,18 +96,6 @@ class BootStudent(torch.nn.Module):
     def __init__(self, network: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str = "v_prediction"):
         super().__init__()
         self.denoiser = DiffusersDenoiser(network, schedule=schedule, prediction_type=prediction_type)
-
-    @property
-    def network(self) -> torch.nn.Module:
-        return self.denoiser.model
-
-    @property
-    def schedule(self) -> NoiseSchedule:
-        return self.denoiser.schedule
-
-    @property
-    def prediction_type(self) -> str:
-        return self.denoiser.prediction_type
 
     def forward(self, eps: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         out = self.denoiser.predict(eps, time_tensor(t, eps.device), **cond)
