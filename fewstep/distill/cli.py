@@ -43,9 +43,12 @@ DIGITS_DEFAULTS: dict[str, Any] = {
 
 
 #: Settings of --objective mmd / boot on the embedded digits teacher (measured, benchmarks/RESULTS.md).
-#: MMD: the authors fine-tune without EMA with gradient clipping 0.5; BOOT: its target is the
-#: student itself under stop-gradient (no EMA network).
-MMD_DEFAULTS: dict[str, Any] = {"nfe": 2, "steps": 300, "lr": 1e-4, "grad_clip": 0.5, "sampling_ema": None}
+#: MMD: the authors fine-tune without EMA with gradient clipping 0.5; the sampler clips its data
+#: predictions to [-1, 1] as the digits model's scheduler config asks (clip_sample=True), which
+#: keeps the tuned samples in the image range.  BOOT: its target is the student itself under
+#: stop-gradient (no EMA network).
+MMD_DEFAULTS: dict[str, Any] = {"nfe": 2, "steps": 300, "lr": 1e-4, "grad_clip": 0.5, "sampling_ema": None,
+                                "sampler_options": {"clip_denoised": 1.0}}
 BOOT_DEFAULTS: dict[str, Any] = {"steps": 1500, "lr": 5e-4}
 
 
@@ -217,7 +220,7 @@ def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any
         from fewstep.distill import MMD
 
         return MMD(MMD_DEFAULTS["nfe"] if args.nfe is None else args.nfe, sampler="ddim" if args.tune_sampler is None else args.tune_sampler,
-                   checkpointing=not args.no_checkpointing)
+                   checkpointing=not args.no_checkpointing, sampler_options=MMD_DEFAULTS["sampler_options"])
     if args.objective == "ict":
         return ICT(**({"loss": args.loss} if args.loss is not None else {}))
     if args.objective == "lcd":
@@ -634,7 +637,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher_rows = [(teacher_name, k, s) for k, s in probe.teacher(probe_teacher, "dpmpp_2m", (10, 50)).items()]
     if args.objective == "mmd":  # the same model and sampler before finetuning, at equal NFE
         teacher_rows += [(f"teacher ({objective.sampler}, before finetuning)", k, s)
-                         for k, s in probe.teacher(probe_teacher, objective.sampler, nfes).items()]
+                         for k, s in probe.teacher(probe_teacher, objective.sampler, nfes, objective.sampler_options()).items()]
     result = distiller.train()
     if result.student_dir is None or int(os.environ.get("RANK", "0")) != 0:
         return 0
