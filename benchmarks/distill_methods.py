@@ -5,9 +5,10 @@ teacher, at 1, 2 and 4 steps, next to the teacher itself (issue 18: the BOOT and
 
 Each RUN_FOLDER is a `fewstep distill --out` folder (its `student/`).  Every model is sampled from
 the same noise (seed 2024), features are the digit features, the reference is the digits test
-split; the interval is the 2.5-97.5 % percentile of 200 bootstrap resamples of the generated
-features (the reference fixed), which measures the sampling noise of one run, not the spread over
-training seeds (run several seeds for that).  A BOOT student has one step only.
+split; the interval is fewstep.eval.uncertainty's 95 % bootstrap interval (200 resamples of the
+generated samples, the reference fixed; the same resamples for every model, since all start from
+the same noise), which measures the sampling noise of one run, not the spread over training seeds
+(run several seeds for that).  A BOOT student has one step only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,8 @@ import fewstep
 from fewstep.distill import load_student
 from fewstep.eval.features import digits_features
 from fewstep.eval.frechet import frechet_distance_from_features
+from fewstep.eval.uncertainty import DEFAULT_REPLICATES, bootstrap_counts, fd_replicates, interval
 from fewstep.models.embedded import digits_denoiser, digits_images
-
-
-def fid_with_interval(feats: np.ndarray, ref: np.ndarray, resamples: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    rng = np.random.default_rng(seed)
-    boot = [frechet_distance_from_features(feats[rng.integers(0, len(feats), len(feats))], ref) for _ in range(resamples)]
-    return frechet_distance_from_features(feats, ref), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
 def main() -> int:
@@ -44,16 +39,15 @@ def main() -> int:
     torch.set_num_threads(1)
     extract = digits_features()
     ref = extract(digits_images("test")).double().numpy()
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
     noise = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(2024))
-    rows = []
+    counts = bootstrap_counts(args.samples, DEFAULT_REPLICATES)
 
     def score(name: str, nfe: int, sample) -> None:
-        t0 = time.perf_counter()
         with torch.no_grad():
-            x = sample()
-        fid, lo, hi = fid_with_interval(extract(x).double().numpy(), ref)
-        rows.append({"model": name, "nfe": nfe, "fid": fid, "lo": lo, "hi": hi, "seconds": time.perf_counter() - t0})
-        print(f"| {name} | {nfe} | {fid:.3f} [{lo:.3f}, {hi:.3f}] |", flush=True)
+            f = extract(sample()).double().numpy()
+        iv = interval(frechet_distance_from_features(f, ref), fd_replicates(f, counts, mu=mu, sigma=sigma)[0])
+        print(f"| {name} | {nfe} | {iv.estimate:.3f} [{iv.lo:.3f}, {iv.hi:.3f}] |", flush=True)
 
     if args.teacher:
         den = digits_denoiser()
