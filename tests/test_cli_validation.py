@@ -356,6 +356,17 @@ DISTILL_CASES = [
     (["--teacher", "{text_teacher}", "--data", "{captions}", "--precompute", "{file}"], ["--precompute", "a_file", "not a folder"]),
     (["--teacher", "{text_teacher}", "--data", "{captions}", "--precompute", "{out}/lat", "--resume", "latest"], ["--precompute", "--resume"]),
     (["--teacher", "{teacher}", "--data", "{mixed}", "--resolution", "64"], ["--resolution 64", "image-caption"]),
+    # BOOT and MMD finetuning (issue 18)
+    (["--objective", "boot", "--data", "{file}"], ["--objective boot", "data-free", "leave --data out"]),
+    (["--objective", "boot", "--teacher", "{teacher}", "--data", "{mixed}"], ["--objective boot", "data-free"]),
+    (["--objective", "boot", "--target-ema", "0.5"], ["--target-ema", "--objective boot", "stop-gradient"]),
+    (["--nfe", "2"], ["--nfe", "--objective mmd only"]),
+    (["--objective", "boot", "--tune-sampler", "ddim"], ["--tune-sampler", "--objective mmd only"]),
+    (["--objective", "mmd", "--nfe", "0"], ["--nfe", "'0'"]),
+    (["--objective", "mmd", "--teacher-sampler", "ddim"], ["--teacher-sampler", "--objective mmd"]),
+    (["--objective", "mmd", "--tune-sampler", "lcm"], ["--tune-sampler", "'lcm'", "consistency"]),
+    (["--objective", "mmd", "--tune-sampler", "dpmpp_2m_sde"], ["--tune-sampler", "stochastic"]),
+    (["--objective", "mmd", "--teacher", "{teacher}", "--data", "{mixed}"], ["--objective mmd", "differentiable feature extractor"]),
 ]
 
 

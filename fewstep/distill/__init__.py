@@ -1,5 +1,6 @@
-"""Consistency distillation: objectives (CD, LCD, MCD, iCT, sLCT), immiscible noise assignment, the
-student parameterisation, one trainer on ``accelerate``, atomic checkpoints and students saved in
+"""Consistency distillation and its relatives: objectives (CD, LCD, MCD, iCT, sLCT; BOOT,
+data-free; MMD finetuning through the sampler), immiscible noise assignment, the student
+parameterisation, one trainer on ``accelerate``, atomic checkpoints and students saved in
 diffusers format.
 
 Quick start (the exact digits mixture as teacher, a small MLP student)::
@@ -29,6 +30,12 @@ _WHERE = {
     "ICT": "ict",
     "SLCT": "slct",
     "NoiseAssignment": "immiscible",
+    "BOOT": "boot",
+    "BootStudent": "boot",
+    "NoiseData": "boot",
+    "MMD": "mmd",
+    "TunedDenoiser": "mmd",
+    "Objective": "objective",
     "ConsistencyObjective": "objective",
     "consistency_distance": "objective",
     "BoundaryCondition": "student",
@@ -66,7 +73,7 @@ __all__ = sorted([*_WHERE, "OBJECTIVES"])
 
 def __getattr__(name: str) -> Any:
     if name == "OBJECTIVES":
-        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"), ("slct", "SLCT"))}
+        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"), ("slct", "SLCT"), ("boot", "BOOT"), ("mmd", "MMD"))}
     if name in _WHERE:
         return getattr(importlib.import_module(f"fewstep.distill.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'fewstep.distill' has no attribute {name!r}")

@@ -42,6 +42,16 @@ DIGITS_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Settings of --objective mmd / boot on the embedded digits teacher (measured, benchmarks/RESULTS.md).
+#: MMD: the authors fine-tune without EMA with gradient clipping 0.5; the sampler clips its data
+#: predictions to [-1, 1] as the digits model's scheduler config asks (clip_sample=True), which
+#: keeps the tuned samples in the image range.  BOOT: its target is the student itself under
+#: stop-gradient (no EMA network).
+MMD_DEFAULTS: dict[str, Any] = {"nfe": 2, "steps": 300, "lr": 1e-4, "grad_clip": 0.5, "sampling_ema": None,
+                                "sampler_options": {"clip_denoised": 1.0}}
+BOOT_DEFAULTS: dict[str, Any] = {"steps": 1500, "lr": 5e-4}
+
+
 def add_distill_parser(sub: Any) -> None:
     """Register the ``distill`` subcommand on ``fewstep``'s subparsers."""
     d = sub.add_parser(
@@ -49,7 +59,8 @@ def add_distill_parser(sub: Any) -> None:
         help="distil a few-step consistency student (default: the embedded digits UNet, CPU, < 15 min)",
         description=__doc__.splitlines()[0] + " With no arguments: the embedded digits teacher on the CPU.",
     )
-    d.add_argument("--objective", choices=["cd", "lcd", "mcd", "ict", "slct"], default=None, help="default: cd")
+    d.add_argument("--objective", choices=["cd", "lcd", "mcd", "ict", "slct", "boot", "mmd"], default=None,
+                   help="default: cd; boot is data-free (no --data); mmd fine-tunes the teacher for --nfe steps of --tune-sampler")
     d.add_argument("--teacher", type=Path, default=None, help="diffusers pipeline folder (default: embedded digits UNet)")
     d.add_argument("--student", type=Path, default=None, help="diffusers model folder to start the student from (default: the teacher's weights)")
     d.add_argument(
@@ -80,6 +91,11 @@ def add_distill_parser(sub: Any) -> None:
                    "distance before noising (exact linear assignment, or on fp16 costs); sLCT's OT coupling does this already")
     d.add_argument("--slct-without", type=check.name_list, default=None, metavar="NAMES",
                    help="sLCT ingredients to switch off, comma-separated: cauchy, diffusion, ot, adaptive_c (all off: iCT)")
+    m = d.add_argument_group("MMD finetuning (--objective mmd)")
+    m.add_argument("--nfe", type=check.positive_int, default=None, help=f"the budget the model is tuned for (default: {MMD_DEFAULTS['nfe']})")
+    m.add_argument("--tune-sampler", default=None, help="the deterministic registry sampler tuned for (default: ddim)")
+    m.add_argument("--no-checkpointing", action="store_true",
+                   help="keep every evaluation's activations instead of recomputing them (memory grows with --nfe)")
     d.add_argument("--target-ema", type=check.unit_interval, default=None, help="EMA rate of the target network, in [0, 1) (0: stop-gradient)")
     d.add_argument("--out", type=Path, default=Path("distill-out"), help="output folder (default: %(default)s)")
     d.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
@@ -206,6 +222,15 @@ def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any
         from fewstep.distill.slct import SLCT
 
         return SLCT.without(args.slct_without or (), **({"loss": args.loss} if args.loss is not None else {}))
+    if args.objective == "boot":
+        from fewstep.distill import BOOT
+
+        return BOOT(DIGITS_DEFAULTS["num_intervals"] if n is None else n, teacher_sampler=sampler)
+    if args.objective == "mmd":
+        from fewstep.distill import MMD
+
+        return MMD(MMD_DEFAULTS["nfe"] if args.nfe is None else args.nfe, sampler="ddim" if args.tune_sampler is None else args.tune_sampler,
+                   checkpointing=not args.no_checkpointing, sampler_options=MMD_DEFAULTS["sampler_options"])
     if args.objective == "ict":
         return ICT(**({"loss": args.loss} if args.loss is not None else {}), **assigned)
     common.update(assigned)
@@ -315,11 +340,45 @@ def _check_slct_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--loss {args.loss} with --slct-without cauchy: give one of them")
 
 
+def _check_boot_mmd_options(args: argparse.Namespace) -> None:
+    """The options that BOOT and MMD finetuning take, and those they would ignore."""
+    objective = args.objective
+    mmd_only = [k for k, v in (("--nfe", args.nfe), ("--tune-sampler", args.tune_sampler),
+                               ("--no-checkpointing", args.no_checkpointing or None)) if v is not None]
+    if mmd_only and objective != "mmd":
+        raise UsageError(f"{', '.join(mmd_only)} {'applies' if len(mmd_only) == 1 else 'apply'} to --objective mmd only")
+    if objective in ("boot", "mmd"):
+        given = [k for k, v in (("--loss", args.loss), ("--target-ema", args.target_ema), ("--segments", args.segments),
+                                ("--immiscible", args.immiscible)) if v is not None]
+        if objective == "mmd":
+            given += [k for k, v in (("--num-intervals", args.num_intervals), ("--teacher-sampler", args.teacher_sampler),
+                                     ("--student-prediction-type", args.student_prediction_type)) if v is not None]
+        if given:
+            why = ("BOOT regresses on the stop-gradient student itself (no EMA network) with an L2 loss, from noise alone "
+                   "(no data to assign noise to)" if objective == "boot" else
+                   "MMD finetuning samples with the model itself through --tune-sampler at --nfe and keeps its prediction type; "
+                   "its noises are paired with no data")
+            raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --objective {objective} ({why})")
+    if objective == "mmd" and args.teacher is not None:
+        raise UsageError("--objective mmd from the command line uses the digit features (8x8 grey images), i.e. the embedded "
+                         "digits teacher; for your own model pass a differentiable feature extractor to fewstep.distill.MMD(features=...)")
+    if args.tune_sampler is not None:
+        from fewstep.distill.mmd import check_tunable
+
+        try:
+            check_tunable(args.tune_sampler, {})
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--tune-sampler {args.tune_sampler!r}: {err}") from None
+
+
 def _check_distill(args: argparse.Namespace) -> None:
     """Every value of ``fewstep distill`` that can be checked without loading or computing anything."""
     objective = args.objective
     digits = args.teacher is None
+    _check_boot_mmd_options(args)
     if digits:
+        if args.data is not None and objective == "boot":
+            raise UsageError("--objective boot is data-free (it learns from the teacher and noise only): leave --data out")
         if args.data is not None:
             raise UsageError("--data goes with --teacher; the embedded digits teacher trains on the digits "
                              "(give --teacher FOLDER to distil your own model)")
@@ -331,9 +390,15 @@ def _check_distill(args: argparse.Namespace) -> None:
         unet_cfg, sched_file = _teacher_files(args.teacher)
         _network_class(_read_json(unet_cfg, "--teacher"), unet_cfg, "--teacher")
         _read_json(sched_file, "--teacher")
-        if args.data is None:
+        if objective == "boot":
+            if args.data is not None:
+                raise UsageError("--objective boot is data-free (it learns from the teacher and noise only): leave --data out")
+        elif args.data is None:
             raise UsageError("--teacher needs --data (the training images or latents: a .pt/.npy tensor (N, C, H, W) in "
                              "[-1, 1], a .pt dict, or a folder of images)")
+    if not digits and objective == "boot":
+        args._data_kind = "noise"
+    elif not digits:
         what = "give a .pt/.pth/.npy tensor file, a folder of images, of image-caption pairs, of .tar shards or of latent shards"
         check.existing_path(args.data, "--data", what=what)
         kind = _data_kind(args.data)
@@ -451,7 +516,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         teacher = digits_denoiser()
         sched_cfg = digits_scheduler_config()
         source, uncond = TensorData(digits_images("train")), {}
-        if args.student_prediction_type is None and args.student is None:
+        if args.objective == "boot":
+            from fewstep.distill import NoiseData
+
+            source = NoiseData((1, 8, 8))  # data-free: noise only
+        if args.student_prediction_type is None and args.student is None and args.objective != "mmd":
             args.student_prediction_type = DIGITS_DEFAULTS["student_prediction_type"]
         features = digits_features()
         reference_features = features(digits_images("test"))
@@ -476,6 +545,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
                     print(f"{source.num_examples} examples encoded into {args.precompute} (train on them with --data {args.precompute})")
                 return 0
             uncond = None  # the encoder builds the recipe's unconditional inputs
+        elif kind == "noise":  # BOOT: data-free, noise of the teacher network's input shape
+            from fewstep.distill import NoiseData
+
+            size = net_cfg.get("sample_size", 64)
+            size = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+            source, uncond = NoiseData((channels, *size)), {}
         elif kind == "latents":
             from fewstep.distill.stream import LatentShards
 
@@ -514,14 +589,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
         rank = 64 if args.lora_rank is None else args.lora_rank
         present = {n.rsplit(".", 1)[-1] for n, _ in teacher.model.named_modules()}
         lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=[t for t in LCM_LORA_TARGETS if t.rsplit(".", 1)[-1] in present])
-    steps = DIGITS_DEFAULTS["steps"] if args.steps is None else args.steps
+    own = {"boot": BOOT_DEFAULTS, "mmd": MMD_DEFAULTS}.get(args.objective, {})
+    steps = own.get("steps", DIGITS_DEFAULTS["steps"]) if args.steps is None else args.steps
     validate_every = args.validate_every if args.validate_every is not None else (DIGITS_DEFAULTS["validate_every"] if digits else 0)
     config = DistillConfig(
         output_dir=args.out,
         steps=steps,
         batch_size=DIGITS_DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size,
         grad_accum=args.grad_accum,
-        lr=DIGITS_DEFAULTS["lr"] if args.lr is None else args.lr,
+        lr=own.get("lr", DIGITS_DEFAULTS["lr"]) if args.lr is None else args.lr,
+        grad_clip=own.get("grad_clip", 1.0),
+        sampling_ema=own.get("sampling_ema", 0.9999),
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
         attention=args.attention,
@@ -577,8 +655,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         images = ValidationImages(encoder, args.validation_prompts, args.out / "validation", objective.sampler,
                                   objective.sampler_options(), guidance_scale=w if objective.guidance_embedding else None, seed=args.seed)
 
+    # BOOT generates in one evaluation; an MMD-tuned model is scored at its budget too
+    nfes = (1,) if args.objective == "boot" else tuple(sorted({1, 2, 4, getattr(objective, "nfe", 1)}))
+
     def validator(student_model: Any, step: int) -> dict[str, float]:
-        scores = small.flat(small.student(student_model, objective.sampler, (1, 2, 4), objective.sampler_options()))
+        scores = small.flat(small.student(student_model, objective.sampler, nfes, objective.sampler_options()))
         if images is not None:
             scores.update(images(student_model, step))
         return scores
@@ -587,13 +668,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     # The teacher is frozen: score it now, before training stores it in the autocast dtype.
     teacher_name = f"teacher (dpmpp_2m{f', w={w:g}' if w is not None else ''})"
     teacher_rows = [(teacher_name, k, s) for k, s in probe.teacher(probe_teacher, "dpmpp_2m", (10, 50)).items()]
+    if args.objective == "mmd":  # the same model and sampler before finetuning, at equal NFE
+        teacher_rows += [(f"teacher ({objective.sampler}, before finetuning)", k, s)
+                         for k, s in probe.teacher(probe_teacher, objective.sampler, nfes, objective.sampler_options()).items()]
     result = distiller.train()
     if result.student_dir is None or int(os.environ.get("RANK", "0")) != 0:
         return 0
     from fewstep.distill.export import load_student
 
     loaded = load_student(result.student_dir, base=args.teacher / "unet" if args.lora else None)
-    rows = [(f"student ({objective.name}, {loaded.sampler})", k, s) for k, s in probe.student(loaded.denoiser, loaded.sampler, (1, 2, 4), loaded.sampler_options).items()]
+    rows = [(f"student ({objective.name}, {loaded.sampler})", k, s) for k, s in probe.student(loaded.denoiser, loaded.sampler, nfes, loaded.sampler_options).items()]
     rows += teacher_rows
     _print_table(rows, digits)
     atomic_write_json(args.out / "quality.json", [{"model": m, "nfe": k, **s} for m, k, s in rows], indent=1)

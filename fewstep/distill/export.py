@@ -40,12 +40,19 @@ from fewstep._util import atomic_write_json, default_permissions, fsync_dir, req
 from fewstep.distill.student import BoundaryCondition, ConsistencyStudent
 from fewstep.schedules import NoiseSchedule, VPDiscrete, from_config
 
-__all__ = ["STUDENT_META", "LORA_WEIGHTS", "save_student", "save_lora_student", "load_student", "DistilledStudent", "scheduler_config_for", "lora_state_dict"]
+__all__ = ["STUDENT_META", "STUDENT_KINDS", "LORA_WEIGHTS", "save_student", "save_lora_student", "load_student", "DistilledStudent", "scheduler_config_for", "lora_state_dict"]
 
 #: diffusers' LoRA file name: ``pipe.load_lora_weights(student_folder)`` finds it
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 STUDENT_META = "fewstep_student.json"
+#: ``student_kind`` of fewstep_student.json -> the module class a loaded student is rebuilt as
+#: (``consistency``: :class:`ConsistencyStudent` with its recorded boundary condition)
+STUDENT_KINDS = {
+    "consistency": "fewstep.distill.student:ConsistencyStudent",
+    "diffusion": "fewstep.distill.mmd:TunedDenoiser",
+    "boot": "fewstep.distill.boot:BootStudent",
+}
 FORMAT_VERSION = 1
 _NETWORK_DIR = "unet"
 _TRUSTED_PREFIXES = ("diffusers.", "fewstep.")
@@ -122,15 +129,17 @@ def _write_student_folder(folder: str | os.PathLike, student: ConsistencyStudent
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         write_network(tmp)
-        sched = scheduler_config_for(student.schedule, student.prediction_type, scheduler_config)
+        # a student a diffusers loop cannot drive (BOOT's generator of noise) gets no scheduler
+        sched = scheduler_config_for(student.schedule, student.prediction_type, scheduler_config) if getattr(student, "push_style", True) else None
         if sched is not None:
             from fewstep import FewstepScheduler
 
+            boundary = getattr(student, "boundary", None)  # none for a fine-tuned diffusion model (MMD)
             FewstepScheduler(
                 **sched,
                 sampler=meta["sampler"],
                 sampler_options=dict(meta.get("sampler_options") or {}),
-                boundary_condition=student.boundary.config(),
+                **({"boundary_condition": boundary.config()} if boundary is not None else {}),
             ).save_config(tmp / "scheduler")
         atomic_write_json(tmp / STUDENT_META, dict(meta), indent=1, sort_keys=True)
         os.chmod(tmp, default_permissions(folder=True))
@@ -243,7 +252,7 @@ def _swap_into_place(new: Path, folder: Path) -> None:
 class DistilledStudent:
     """A loaded student: the consistency function and what it was saved with."""
 
-    denoiser: ConsistencyStudent
+    denoiser: torch.nn.Module  # ConsistencyStudent, TunedDenoiser (MMD) or BootStudent
     meta: dict[str, Any]
 
     @property
@@ -263,8 +272,11 @@ class DistilledStudent:
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         **options: Any,
     ) -> torch.Tensor:
-        """``fewstep.sample`` with the recorded sampler and options (``options`` override them)."""
+        """``fewstep.sample`` with the recorded sampler and options (``options`` override them);
+        a BOOT student, a generator of noise rather than a denoiser, runs its own one evaluation."""
         with torch.no_grad():
+            if hasattr(self.denoiser, "generate"):
+                return self.denoiser.generate(noise, nfe, cond=cond, **options)
             return fewstep.sample(self.denoiser, noise, self.sampler, nfe, cond=cond, generator=generator, **{**self.sampler_options, **options})
 
 
@@ -289,8 +301,12 @@ def load_student(folder: str | os.PathLike, device: torch.device | str | None = 
         cls_path, sub = str(network["class"]), str(network["subfolder"])
         if not isinstance(network.get("lora", {}), dict):
             raise ValueError("'network.lora' is not an object")
-        b = meta["boundary"]
-        boundary = BoundaryCondition(float(b["boundary_time"]), float(b["scale"]), float(b["sigma_data"]))
+        kind = str(meta.get("student_kind", "consistency"))
+        if kind not in STUDENT_KINDS:
+            raise ValueError(f"unknown student_kind {kind!r} (this fewstep reads {', '.join(STUDENT_KINDS)})")
+        if kind == "consistency":
+            b = meta["boundary"]
+            boundary = BoundaryCondition(float(b["boundary_time"]), float(b["scale"]), float(b["sigma_data"]))
         schedule = from_config(meta["schedule"])
         prediction_type = str(meta["prediction_type"])
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as err:
@@ -310,7 +326,11 @@ def load_student(folder: str | os.PathLike, device: torch.device | str | None = 
         require_safetensors(net_dir, "the student network folder")
         net = cls.from_pretrained(net_dir, use_safetensors=True, local_files_only=True)
     net = net.to(device=device, dtype=dtype if dtype is not None else torch.float32).eval()
-    student = ConsistencyStudent(net, schedule, prediction_type, boundary, meta.get("guidance_embedding_dim"))
+    if kind == "consistency":
+        student = ConsistencyStudent(net, schedule, prediction_type, boundary, meta.get("guidance_embedding_dim"))
+    else:
+        module, _, name = STUDENT_KINDS[kind].partition(":")
+        student = getattr(importlib.import_module(module), name)(net, schedule, prediction_type)
     return DistilledStudent(student.eval(), meta)
 
 

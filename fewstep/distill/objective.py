@@ -32,7 +32,7 @@ from fewstep.distill.student import BoundaryCondition
 from fewstep.distill.teacher import IntervalSolver
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["Batch", "Models", "ConsistencyObjective", "LOSSES", "consistency_distance", "RandomState"]
+__all__ = ["Batch", "Models", "Objective", "ConsistencyObjective", "LOSSES", "consistency_distance", "RandomState"]
 
 LOSSES = ("l2", "pseudo_huber", "huber", "cauchy")
 
@@ -103,19 +103,62 @@ def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) 
     raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
-class ConsistencyObjective(ABC):
-    """Base class of the objectives.  Construct with the options; the trainer then calls
+class Objective(ABC):
+    """What the trainer needs of any objective: a name and paper, :meth:`bind` once, :meth:`loss`
+    per micro-batch, the student module it trains (:meth:`make_student`) and how that student is
+    saved (:meth:`save_student`).  :class:`ConsistencyObjective` is the consistency family; objectives
+    whose student is not a consistency function (BOOT's noise-to-trajectory generator, MMD's
+    fine-tuned diffusion model) derive from this class directly."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    needs_teacher: ClassVar[bool] = True
+    #: False for data-free objectives (BOOT): the trainer's data source then only supplies noise
+    needs_data: ClassVar[bool] = True
+    #: the registry sampler the student is meant for (recorded with the checkpoint)
+    sampler: ClassVar[str] = "cm_multistep"
+    #: EMA rate of a target network (0: none)
+    target_ema: float = 0.0
+
+    def bind(self, schedule: NoiseSchedule, data_shape: Sequence[int], total_steps: int) -> None:
+        """Attach the schedule, the data shape and the number of training steps."""
+        self.schedule = schedule
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.total_steps = int(total_steps)
+
+    def sampler_options(self) -> dict[str, Any]:
+        """Options of :attr:`sampler` the student needs (recorded with the checkpoint)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description for the checkpoint metadata."""
+        return {"objective": self.name, "paper": self.paper, "target_ema": self.target_ema}
+
+    @abstractmethod
+    def make_student(self, network: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
+                     guidance_embedding_dim: int | None = None) -> torch.nn.Module:
+        """The trained module around ``network`` (it must expose ``network``, ``schedule``,
+        ``prediction_type`` and ``describe()``)."""
+
+    def save_student(self, folder: Any, student: torch.nn.Module, description: dict[str, Any],
+                     scheduler_config: Any = None) -> Any:
+        """Write the student folder (diffusers format + ``fewstep_student.json``)."""
+        from fewstep.distill.export import save_student
+
+        return save_student(folder, student, description, scheduler_config)
+
+    @abstractmethod
+    def loss(self, models: "Models", batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one micro-batch (a scalar with gradient) and logs."""
+
+
+class ConsistencyObjective(Objective):
+    """Base class of the consistency objectives.  Construct with the options; the trainer then calls
     :meth:`bind` once (schedule, data shape, number of steps) and :meth:`loss` per micro-batch.
 
     ``noise_assignment`` (every objective): ``True``, ``"exact"``, ``"fp16"`` or a
     :class:`fewstep.distill.immiscible.NoiseAssignment` assigns each micro-batch's noises to its
     data before noising (immiscible diffusion, Li et al. 2024); ``None``: independent noise."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str]
-    needs_teacher: ClassVar[bool] = True
-    #: the registry sampler the student is meant for (recorded with the checkpoint)
-    sampler: ClassVar[str] = "cm_multistep"
 
     def __init__(self, *, loss: str = "l2", loss_c: float | None = None, target_ema: float = 0.95, boundary_scale: float = 10.0, sigma_data: float = 0.5,
                  noise_assignment: Any = None):
@@ -138,9 +181,7 @@ class ConsistencyObjective(ABC):
     # -- set-up ---------------------------------------------------------------------------------
     def bind(self, schedule: NoiseSchedule, data_shape: Sequence[int], total_steps: int) -> None:
         """Attach the schedule and the data shape; subclasses build their grids here."""
-        self.schedule = schedule
-        self.data_shape = tuple(int(s) for s in data_shape)
-        self.total_steps = int(total_steps)
+        super().bind(schedule, data_shape, total_steps)
         if self.loss_c is None:
             d = math.prod(self.data_shape)
             self.loss_c = 0.00054 * math.sqrt(d) if self.loss_kind in ("pseudo_huber", "cauchy") else 0.001
@@ -153,13 +194,16 @@ class ConsistencyObjective(ABC):
     def boundary(self) -> BoundaryCondition:
         return BoundaryCondition(self.boundary_time(), self.boundary_scale, self.sigma_data)
 
+    def make_student(self, network: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
+                     guidance_embedding_dim: int | None = None) -> torch.nn.Module:
+        """A :class:`ConsistencyStudent` with this objective's boundary condition."""
+        from fewstep.distill.student import ConsistencyStudent
+
+        return ConsistencyStudent(network, schedule, prediction_type, self.boundary(), guidance_embedding_dim)
+
     @abstractmethod
     def grid_at(self, step: int) -> torch.Tensor:
         """Increasing float64 grid ``tau_0 < ... < tau_N`` in use at training step ``step``."""
-
-    def sampler_options(self) -> dict[str, Any]:
-        """Options of :attr:`sampler` the student needs (recorded with the checkpoint)."""
-        return {}
 
     def describe(self) -> dict[str, Any]:
         """Plain-data description for the checkpoint metadata."""

@@ -99,7 +99,26 @@ def guidance_embedding(guidance_scale: torch.Tensor | float, dim: int, batch: in
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-class ConsistencyStudent(torch.nn.Module):
+class DenoiserStudent(torch.nn.Module):
+    """A trained module around a :class:`DiffusersDenoiser` held in ``self.denoiser``: the
+    ``network`` / ``schedule`` / ``prediction_type`` the trainer and the export read."""
+
+    denoiser: DiffusersDenoiser
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.denoiser.model
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule
+
+    @property
+    def prediction_type(self) -> str:
+        return self.denoiser.prediction_type
+
+
+class ConsistencyStudent(DenoiserStudent):
     """``f_theta(x, t, **cond)``: a network as a boundary-conditioned consistency function.
 
     Args:
@@ -133,18 +152,6 @@ class ConsistencyStudent(torch.nn.Module):
         self.guidance_embedding_dim = guidance_embedding_dim
         # (c_skip, c_out) per scalar time: samplers call the student at the same few times over and over
         self._coefficient_cache: dict[float, tuple[float, float]] = {}
-
-    @property
-    def network(self) -> torch.nn.Module:
-        return self.denoiser.model
-
-    @property
-    def schedule(self) -> NoiseSchedule:
-        return self.denoiser.schedule
-
-    @property
-    def prediction_type(self) -> str:
-        return self.denoiser.prediction_type
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, guidance_scale: Any = None, **cond: Any) -> torch.Tensor:
         t = time_tensor(t, x.device)

@@ -58,8 +58,8 @@ from fewstep._util import atomic_write_text, derived_seed
 from fewstep.distill.checkpoint import EMA_FILE, LORA_FILE, SAMPLING_EMA_FILE, CheckpointDir, check_output_dir, verify_checkpoint, write_state
 from fewstep.distill.data import DataSource, sample_generators
 from fewstep.distill.ema import SamplingEMA, ema_update
-from fewstep.distill.export import save_lora_student, save_student
-from fewstep.distill.objective import Batch, ConsistencyObjective, Models
+from fewstep.distill.export import save_lora_student
+from fewstep.distill.objective import Batch, ConsistencyObjective, Models, Objective
 from fewstep.distill.student import ConsistencyStudent
 from fewstep.distill.teacher import AdaptersOff
 from fewstep.models.diffusers_models import DiffusersDenoiser
@@ -219,7 +219,7 @@ class Distiller:
 
     def __init__(
         self,
-        objective: ConsistencyObjective,
+        objective: Objective,
         data: DataSource,
         teacher: Callable[..., torch.Tensor] | None = None,
         student: torch.nn.Module | ConsistencyStudent | None = None,
@@ -236,8 +236,8 @@ class Distiller:
         self.config = config or DistillConfig()
         self.config.check()
         _check_fsdp_device()  # before anything is written
-        if not isinstance(objective, ConsistencyObjective):
-            raise TypeError(f"objective must be a fewstep.distill objective (CD, LCD, MCD, ICT), got {type(objective).__name__}")
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be a fewstep.distill objective (CD, LCD, MCD, ICT, BOOT, MMD), got {type(objective).__name__}")
         if not hasattr(data, "shape") or not (hasattr(data, "sample") or getattr(data, "streaming", False)):
             raise TypeError("data must be a fewstep.distill data source (TensorData, MixtureData, ImageTextData, LatentShards, "
                             "or an object with .shape and .sample)")
@@ -284,6 +284,9 @@ class Distiller:
     def _build_student(self, student: Any, prediction_type: str | None, lora: Any, emb_dim: int | None) -> ConsistencyStudent:
         teacher_pt = getattr(self.teacher, "prediction_type", None)
         if isinstance(student, ConsistencyStudent):
+            if not isinstance(self.objective, ConsistencyObjective):
+                raise TypeError(f"the {self.objective.name} objective does not train a consistency function: pass the network "
+                                "(an nn.Module), not a ConsistencyStudent")
             if prediction_type is not None and prediction_type != student.prediction_type:
                 raise ValueError(f"prediction_type={prediction_type!r} differs from the student's {student.prediction_type!r}")
             if student.boundary.config() != self.objective_boundary().config():
@@ -324,7 +327,7 @@ class Distiller:
         check_prediction_type(prediction_type, self.schedule)
         net.train()
         emb = getattr(getattr(net, "config", None), "time_cond_proj_dim", None) if getattr(self.objective, "guidance_embedding", False) else None
-        return ConsistencyStudent(net, self.schedule, prediction_type, self.objective_boundary(), emb)
+        return self.objective.make_student(net, self.schedule, prediction_type, emb)
 
     def objective_boundary(self) -> Any:
         """The boundary condition the (bound) objective trains."""
@@ -740,7 +743,7 @@ class Distiller:
                 if self.lora is not None:
                     save_lora_student(folder, final, description, self.scheduler_config)
                 else:
-                    save_student(folder, final, description, self.scheduler_config)
+                    self.objective.save_student(folder, final, description, self.scheduler_config)
         acc.wait_for_everyone()
         return folder
 

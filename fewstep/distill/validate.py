@@ -32,6 +32,8 @@ def sample_consistency(student: Callable[..., torch.Tensor], noise: torch.Tensor
     opts = dict(options or {})
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(noise.shape[0])]
     with torch.no_grad():
+        if hasattr(student, "generate"):  # BOOT: a one-step generator of noise, not a registry sampler's denoiser
+            return student.generate(noise, nfe, cond=cond, **opts)
         return fewstep.sample(student, noise, sampler, nfe, schedule=schedule, cond=cond, generator=gens, **opts)
 
 
@@ -78,12 +80,14 @@ class QualityProbe:
         cond = _to(cond, dev)
         return {k: self.score(sample_consistency(student, noise, sampler, k, self.schedule, options, cond)) for k in nfes}
 
-    def teacher(self, teacher: Callable[..., torch.Tensor], sampler: str = "dpmpp_2m", nfes: Sequence[int] = (10, 50)) -> dict[int, dict[str, float]]:
-        """Scores of the teacher at each NFE with a diffusion sampler."""
+    def teacher(self, teacher: Callable[..., torch.Tensor], sampler: str = "dpmpp_2m", nfes: Sequence[int] = (10, 50),
+                options: Mapping[str, Any] | None = None) -> dict[int, dict[str, float]]:
+        """Scores of the teacher at each NFE with a diffusion sampler (and its options)."""
         dev = _device_of(teacher)
         noise = self.noise.to(dev, torch.float32)
         with torch.no_grad():
-            return {k: self.score(fewstep.sample(teacher, noise, sampler, k, schedule=self.schedule, cond=_to(self.cond, dev))) for k in nfes}
+            return {k: self.score(fewstep.sample(teacher, noise, sampler, k, schedule=self.schedule, cond=_to(self.cond, dev),
+                                                 **dict(options or {}))) for k in nfes}
 
     def flat(self, scores: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
         """``{"rmse@1": ..., "fd@1": ...}`` for logs."""

@@ -29,6 +29,7 @@ diffusers' convention); features are float32 ``(N, F)`` on the CPU.  Three kinds
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.resources
@@ -209,8 +210,25 @@ class DigitsFeatures:
                 "use InceptionFeatures or your own extractor for other images"
             )
         with torch.no_grad():
-            f = self.net.features(x.to(self.device, torch.float32).clamp(-1, 1)) * self.scale
+            f = self.differentiable(x.to(self.device, torch.float32).clamp(-1, 1))
         return f.cpu()
+
+    def differentiable(self, images: torch.Tensor) -> torch.Tensor:
+        """The features with the autograd graph kept (on ``images``' device and dtype; a copy of the
+        network there), *without* the clamp: what MMD finetuning back-propagates through
+        (:mod:`fewstep.distill.mmd`).  A clamp would pass no gradient to pixels outside ``[-1, 1]``,
+        so nothing would stop a fine-tuned model's samples from leaving the image range; unclamped,
+        an out-of-range pixel changes the features and the loss sees it.  On images inside the
+        range this is exactly :meth:`__call__`.  Another device or dtype gets its own copy of the
+        network (cached), so this extractor's own network is never converted."""
+        net = self.net
+        if next(net.parameters()).device != images.device or images.dtype != torch.float32:
+            key = (str(images.device), images.dtype)
+            copies = self.__dict__.setdefault("_copies", {})
+            if key not in copies:
+                copies[key] = copy.deepcopy(self.net).to(images.device, images.dtype)
+            net = copies[key]
+        return net.features(images) * self.scale
 
     def logits_from_features(self, features: Any) -> np.ndarray:
         """The classifier's 10 logits from features this extractor returned (scale undone)."""

@@ -20,21 +20,24 @@ import numpy as np
 
 from fewstep.eval.stats import as_features
 
-__all__ = ["polynomial_kernel", "mmd2_unbiased", "kernel_inception_distance"]
+__all__ = ["polynomial_kernel", "mmd2_from_kernels", "mmd2_unbiased", "kernel_inception_distance"]
 
 
-def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> np.ndarray:
-    """``(x y^T / d + coef0)^degree`` for x (M, d) and y (N, d)."""
+def polynomial_kernel(x: Any, y: Any, degree: int = 3, coef0: float = 1.0) -> Any:
+    """``(x y^T / d + coef0)^degree`` for x (M, d) and y (N, d): NumPy arrays, or torch tensors
+    (differentiable; MMD finetuning, :mod:`fewstep.distill.mmd`)."""
     return (x @ y.T / x.shape[1] + coef0) ** degree
 
 
-def _mmd2_from_kernels(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+def mmd2_from_kernels(kxx: Any, kyy: Any, kxy: Any) -> Any:
+    """eq. 2's unbiased MMD^2 from the three kernel matrices (NumPy arrays, or torch tensors: then
+    a differentiable 0-d tensor)."""
     m, n = kxx.shape[0], kyy.shape[0]
     if m < 2 or n < 2:
         raise ValueError(f"the unbiased MMD needs at least 2 samples per set, got {m} and {n}")
-    xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    yy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-    return float(xx + yy - 2 * kxy.mean())
+    xx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+    yy = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
+    return xx + yy - 2 * kxy.mean()
 
 
 def mmd2_unbiased(f1: Any, f2: Any, degree: int = 3, coef0: float = 1.0) -> float:
@@ -43,7 +46,7 @@ def mmd2_unbiased(f1: Any, f2: Any, degree: int = 3, coef0: float = 1.0) -> floa
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
     k = lambda a, b: polynomial_kernel(a, b, degree, coef0)  # noqa: E731
-    return _mmd2_from_kernels(k(x, x), k(y, y), k(x, y))
+    return float(mmd2_from_kernels(k(x, x), k(y, y), k(x, y)))
 
 
 def kernel_inception_distance(
