@@ -3,7 +3,7 @@
 Importing this package registers the built-in families (one module each)."""
 
 from fewstep.samplers import ddim, deis, dpm_solver  # noqa: F401  (registration)
-from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, plan, time_shift, unipc  # noqa: F401  (registration)
+from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, plan, scm, time_shift, unipc  # noqa: F401  (registration)
 from fewstep.samplers.core import NonFiniteError, Program, SampleInfo, UnguidedWarning, prepare, sample
 from fewstep.samplers.plan import SamplingPlan
 from fewstep.samplers.registry import SamplerSpec, available, spec
