@@ -1,4 +1,4 @@
-"""Consistency distillation: objectives (CD, LCD, MCD, iCT), the student parameterisation, one
+"""Consistency distillation: objectives (CD, LCD, MCD, iCT; continuous-time sCM and rCM), the student parameterisation, one
 trainer on ``accelerate``, atomic checkpoints and students saved in diffusers format.
 
 Quick start (the exact digits mixture as teacher, a small MLP student)::
@@ -26,6 +26,11 @@ _WHERE = {
     "GuidedTeacher": "lcd",
     "MCD": "mcd",
     "ICT": "ict",
+    "SCM": "scm",
+    "LogVarianceHead": "scm",
+    "RCM": "rcm",
+    "TrigFlowBoundary": "student",
+    "TrainableNetwork": "objective",
     "ConsistencyObjective": "objective",
     "consistency_distance": "objective",
     "BoundaryCondition": "student",
@@ -63,7 +68,7 @@ __all__ = sorted([*_WHERE, "OBJECTIVES"])
 
 def __getattr__(name: str) -> Any:
     if name == "OBJECTIVES":
-        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"))}
+        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"), ("scm", "SCM"), ("rcm", "RCM"))}
     if name in _WHERE:
         return getattr(importlib.import_module(f"fewstep.distill.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'fewstep.distill' has no attribute {name!r}")

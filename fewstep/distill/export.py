@@ -37,7 +37,7 @@ import torch
 
 import fewstep
 from fewstep._util import atomic_write_json, default_permissions, fsync_dir, require_safetensors
-from fewstep.distill.student import BoundaryCondition, ConsistencyStudent
+from fewstep.distill.student import ConsistencyStudent, boundary_from_config
 from fewstep.schedules import NoiseSchedule, VPDiscrete, from_config
 
 __all__ = ["STUDENT_META", "LORA_WEIGHTS", "save_student", "save_lora_student", "load_student", "DistilledStudent", "scheduler_config_for", "lora_state_dict"]
@@ -130,7 +130,8 @@ def _write_student_folder(folder: str | os.PathLike, student: ConsistencyStudent
                 **sched,
                 sampler=meta["sampler"],
                 sampler_options=dict(meta.get("sampler_options") or {}),
-                boundary_condition=student.boundary.config(),
+                # a TrigFlow (sCM) student's prediction is its consistency function: no c_skip / c_out
+                boundary_condition=None if getattr(student.boundary, "kind", None) == "trigflow" else student.boundary.config(),
             ).save_config(tmp / "scheduler")
         atomic_write_json(tmp / STUDENT_META, dict(meta), indent=1, sort_keys=True)
         os.chmod(tmp, default_permissions(folder=True))
@@ -290,7 +291,7 @@ def load_student(folder: str | os.PathLike, device: torch.device | str | None = 
         if not isinstance(network.get("lora", {}), dict):
             raise ValueError("'network.lora' is not an object")
         b = meta["boundary"]
-        boundary = BoundaryCondition(float(b["boundary_time"]), float(b["scale"]), float(b["sigma_data"]))
+        boundary = boundary_from_config(dict(b))
         schedule = from_config(meta["schedule"])
         prediction_type = str(meta["prediction_type"])
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as err:
