@@ -1,9 +1,10 @@
 """A small distillation run for the process-level tests (SIGKILL resume, two processes).
 
     python tests/distill_job.py OUT --steps 40 [--checkpoint-every 10] [--resume latest]
-                                [--batch-size 16] [--nan-at STEP:INDEX]
+                                [--batch-size 16] [--nan-at STEP:INDEX] [--objective cd|rcm]
 
-CD on an exact 8-dimensional Gaussian mixture with a small MLP student, one CPU thread, every
+CD (or rCM: student, log-variance head and fake score, each with its own optimizer) on an exact
+8-dimensional Gaussian mixture with a small MLP student, one CPU thread, every
 setting fixed, so two runs that see the same global batch produce the same weights.  Launched
 directly, under ``accelerate launch --num_processes 2 --cpu``, or killed mid-way by the tests.
 """
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--nan-at", default=None)
+    p.add_argument("--objective", default="cd", choices=["cd", "rcm"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -68,12 +70,19 @@ def main(argv=None) -> int:
         step, index = (int(v) for v in args.nan_at.split(":"))
         data = NaNAt(data, step, index)
     torch.manual_seed(0)
-    net = MLPNet(dim=8, hidden=32, depth=2, time_embed_dim=16)
+    net = MLPNet(dim=8, hidden=32, depth=2, time_embed_dim=16, timestep_scale=1e-3 if args.objective == "rcm" else 1.0)
     cfg = DistillConfig(output_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=1e-3,
                         checkpoint_every=args.checkpoint_every, keep_checkpoints=2, resume=args.resume,
                         progress=False, log_every=5, cpu=True)
-    run = Distiller(CD(num_intervals=8, teacher_sampler="dpmpp_2s"), data, gm.denoiser(schedule), net,
-                    prediction_type="sample", config=cfg).train()
+    if args.objective == "rcm":  # three trainable networks (student, log-variance head, fake score), three optimizers
+        from fewstep.distill import RCM
+
+        fake = MLPNet(dim=8, hidden=32, depth=2, time_embed_dim=16, timestep_scale=1e-3)
+        obj = RCM(tangent_warmup=4, student_update_freq=3, fake_score=fake, fake_prediction_type="v_prediction", fake_lr=5e-4)
+        run = Distiller(obj, data, gm.denoiser(schedule), net, prediction_type="v_prediction", config=cfg).train()
+    else:
+        run = Distiller(CD(num_intervals=8, teacher_sampler="dpmpp_2s"), data, gm.denoiser(schedule), net,
+                        prediction_type="sample", config=cfg).train()
     print(f"done step={run.step} skipped={run.skipped_steps} processes={run.processes} resumed={run.resumed_from}", flush=True)
     return 0
 
