@@ -10,7 +10,9 @@ sampling (:func:`fewstep.samplers.consistency.build_cm_multistep`'s routine) on 
 any other schedule the angles are mapped to the times of equal log-SNR
 (:class:`fewstep.trigflow.TrigFlowMap`) and the re-noising is the schedule's forward process,
 which is the same step in the other coordinates.  A schedule that never reaches zero SNR starts at
-its own ``t_max`` (the largest angle it has) when ``max_time`` is beyond it.
+its own ``t_max`` (the largest angle it has) when ``max_time`` is beyond it, and evaluation angles
+below the schedule's ``t_min`` are raised to it (a budget whose angles would then repeat is an
+error naming the limit).
 """
 
 from __future__ import annotations
@@ -48,8 +50,15 @@ def _grid(setup: Setup) -> torch.Tensor:
     if not 0.0 < max_time <= math.pi / 2 + 1e-6:
         raise ValueError(f"scm: max_time is a TrigFlow angle in (0, pi/2], got {max_time}")
     tmap = TrigFlowMap(setup.schedule, float(opts["sigma_data"]))
-    angles = scm_angles(setup.nfe, max_time, opts["intermediate_time"]).clamp(max=tmap.t_max)
-    times = tmap.time(angles)
+    angles = scm_angles(setup.nfe, max_time, opts["intermediate_time"])
+    evals = angles[:-1].clamp(tmap.t_min, tmap.t_max)  # the times the network was trained on
+    if bool((evals[1:] >= evals[:-1]).any()):
+        raise ValueError(
+            f"scm: {setup.nfe} steps of sCM's uniform angles fall below the smallest angle {tmap.t_min:.4g} (or above the "
+            f"largest {tmap.t_max:.4g}) the schedule's network was trained at, so evaluation times would repeat; use fewer "
+            "steps (nfe), or give the grid with spacing=..."
+        )
+    times = tmap.time(torch.cat([evals, angles[-1:]]))
     times[-1] = setup.schedule.t_zero if setup.end == "zero" else setup.schedule.t_min
     return time_grid(setup.schedule, setup.nfe, times)
 
