@@ -41,6 +41,7 @@ import torch
 import fewstep
 from fewstep.eval.exact import default_exact_samplers, default_schedule
 from fewstep.eval.frechet import frechet_distance
+from fewstep.eval.ode_reference import exact_ode_samples
 from fewstep.models import GaussianMixture
 from fewstep.models.mixture import digits_data
 from fewstep.samplers import SamplingPlan, prepare
@@ -251,7 +252,7 @@ def main() -> None:
                 return gaussian_stats(ext(x.float().clamp(-1, 1)))
 
         results["rows"] += study("embedded digits UNet", den, den.schedule, (1, 8, 8), torch.float32,
-                                 lambda x: fewstep.sample(den, x, "dpmpp_3m", 500), nfes, bases, args.trajectories, stats=stats,
+                                 lambda x: exact_ode_samples(den, x), nfes, bases, args.trajectories, stats=stats,
                                  data_stats=(ref_stats.mu, ref_stats.sigma), classify=lambda x: ext.net(x.float().clamp(-1, 1)).argmax(1))
     if not args.no_generalisation:
         results["generalisation"] = generalisation([5, 10], args.trajectories)

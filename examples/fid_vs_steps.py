@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
         plot_fid(table.rows, args.out / "fid_vs_nfe.png", None)
-        print(f"FID ({extractor.name}, {args.num_samples} samples, reference {ref.source}):\n")
-        print(markdown_table(table.rows, "fid"))
+        print(f"FID ({extractor.name}, {args.num_samples} samples, reference {ref.source}; +- the half-width of the 95 % "
+              "bootstrap interval, bold where significantly lowest):\n")
+        print(markdown_table(table.rows, "fid", comparisons=table.comparisons.get("fid")))
         print(f"\nwrote {args.out / 'fid_per_nfe.csv'} and {args.out / 'fid_vs_nfe.png'}")
     return 0
 

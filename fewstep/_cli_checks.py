@@ -48,6 +48,8 @@ __all__ = [
     "output_dir",
     "device",
     "image_folder",
+    "image_zip",
+    "sampler_budget",
     "module_spec",
     "model_spec",
     "existing_path",
@@ -89,6 +91,15 @@ def nonnegative_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return v
+
+
+def sampler_budget(text: str) -> tuple[str, int]:
+    """``SAMPLER:NFE`` (e.g. ``dpmpp_3m:100``): a name and a positive NFE (the name is checked
+    against the registry later, with the other names)."""
+    name, sep, nfe = str(text).strip().partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected SAMPLER:NFE, e.g. dpmpp_3m:100, got {text!r}")
+    return name.strip(), positive_int(nfe)
 
 
 def int_at_least(low: int) -> Any:
@@ -299,10 +310,12 @@ def device(text: str | None, arg: str = "--device") -> str | None:
     raise UsageError(f"{arg} {text!r}: fewstep cannot run on {dev.type!r} devices; use cpu, cuda, cuda:N or mps")
 
 
-def image_folder(folder: Any, arg: str, *, same_size: bool, limit: int = 5) -> int:
+def image_folder(folder: Any, arg: str, *, same_size: bool, limit: int = 5, shape: tuple[int, int, int] | None = None,
+                 shape_reason: str = "") -> int:
     """Every image file under ``folder`` opens with PIL (header only; nothing is decoded); with
     ``same_size``, all share one size and channel count as :func:`fewstep._util.load_images`
-    needs.  Returns the number of images."""
+    needs; with ``shape`` (C, H, W), every image has it (``shape_reason`` says why).  Returns the
+    number of images."""
     from PIL import Image
 
     from fewstep._util import IMAGE_EXTENSIONS, image_files
@@ -334,7 +347,42 @@ def image_folder(folder: Any, arg: str, *, same_size: bool, limit: int = 5) -> i
         shown = ", ".join(f"{c}x{h}x{w} ({f.relative_to(p)})" for (c, h, w), f in list(shapes.items())[:limit])
         raise UsageError(f"{arg} {str(folder)!r}: the images differ in size or channels ({shown}); "
                          "resize / convert them to one size and mode first")
+    other = {k: f for k, f in shapes.items() if shape is not None and k != tuple(shape)}
+    if other:
+        shown = ", ".join(f"{c}x{h}x{w} ({f.relative_to(p)})" for (c, h, w), f in list(other.items())[:limit])
+        raise UsageError(f"{arg} {str(folder)!r}: {shape_reason} takes {'x'.join(map(str, shape))} images, found {shown}; "
+                         "use an extractor that resizes (inception, dinov2, clip) or resize the images")
     return len(files)
+
+
+def image_zip(path: Any, arg: str, limit: int = 5) -> int:
+    """A ``.zip`` archive whose image members all open with PIL (header only); returns their count."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from fewstep._util import IMAGE_EXTENSIONS
+
+    p = Path(path).expanduser()
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = sorted(i.filename for i in z.infolist() if not i.is_dir() and Path(i.filename).suffix.lower() in IMAGE_EXTENSIONS)
+            bad: list[str] = []
+            for name in names:
+                try:
+                    with Image.open(io.BytesIO(z.read(name))):
+                        pass
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                    bad.append(f"{name} ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+    except (OSError, zipfile.BadZipFile) as err:
+        raise UsageError(f"{arg} {str(path)!r} is not a readable zip archive ({err})") from None
+    if not names:
+        raise UsageError(f"{arg} {str(path)!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the archive")
+    if bad:
+        shown = "; ".join(bad[:limit]) + (f"; and {len(bad) - limit} more" if len(bad) > limit else "")
+        raise UsageError(f"{arg} {str(path)!r}: {len(bad)} of {len(names)} images in the archive cannot be read: {shown}")
+    return len(names)
 
 
 def module_spec(spec: str, arg: str) -> None:

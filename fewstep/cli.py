@@ -46,6 +46,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 _MODEL_HELP = "use 'embedded', a folder holding a saved diffusers pipeline, or module:attribute naming a denoiser"
 _DIGITS_SOURCES = ("digits", "digits:all", "digits:train", "digits:test")  # what fewstep.eval.reference reads
 _INCEPTION = ("inception", "inception-clean", "inception-tf", "inception-legacy-tensorflow", "inception-legacy_tensorflow")
+_WEIGHTS_FOLDER = ("dinov2", "clip")  # extractors whose weights are a local transformers folder
 
 
 def _check_samplers(names: Sequence[str] | None, arg: str = "--samplers") -> None:
@@ -67,12 +68,13 @@ def _check_pipeline_folder(spec: str, arg: str) -> None:
         raise UsageError(f"{arg} {spec!r}: {err}") from None
 
 
-def _check_reference(source: str) -> None:
-    """``--reference``: a digits split, a fewstep ``.npz``, or a folder of readable images."""
+def _check_reference(source: str, extractor_given: bool, digits_features: bool = False) -> None:
+    """``--reference``: a digits split, a ``.npz`` of statistics (fewstep's, or a clean-fid / EDM
+    ``{mu, sigma}`` file with ``--extractor`` given), a folder or ``.zip`` of readable images."""
     import zipfile
 
     text = str(source).strip()
-    what = "use a folder of real images, a .npz written by fewstep, or digits[:train|:test]"
+    what = "use a folder or .zip of real images, a statistics .npz (fewstep's, or clean-fid's / EDM's with --extractor), or digits[:train|:test]"
     if text.lower() in _DIGITS_SOURCES:
         return
     if text.lower().startswith("digits:"):
@@ -80,23 +82,36 @@ def _check_reference(source: str) -> None:
     path = Path(text).expanduser()
     if text.endswith(".npz"):
         check.existing_path(path, "--reference", folder=False, what=what)
-        need = {"mu.npy", "sigma.npy", "num_samples.npy", "extractor.npy", "source.npy"}
         try:
             with zipfile.ZipFile(path) as z:
-                missing = need - set(z.namelist())
+                names = set(z.namelist())
         except (OSError, zipfile.BadZipFile) as err:
-            raise UsageError(f"--reference {source!r} is not a fewstep reference-statistics file ({err}); "
+            raise UsageError(f"--reference {source!r} is not a readable .npz statistics file ({err}); "
                              "recompute it, or point --reference at the images") from None
+        if {"mu.npy", "sigma.npy"} <= names and "extractor.npy" not in names:
+            if not extractor_given:
+                raise UsageError(f"--reference {source!r} holds only mu and sigma (clean-fid / EDM / torch-fidelity statistics), "
+                                 "which do not say which network made them; name it with --extractor (inception-tf for "
+                                 "EDM's and most papers' statistics, inception for clean-fid's clean mode)")
+            return
+        need = {"mu.npy", "sigma.npy", "num_samples.npy", "extractor.npy", "source.npy"}
+        missing = need - names
         if missing:
-            raise UsageError(f"--reference {source!r} is not a fewstep reference-statistics file (no {', '.join(sorted(missing))}); "
+            raise UsageError(f"--reference {source!r} is not a reference-statistics file (no {', '.join(sorted(missing))}); "
                              "recompute it, or point --reference at the images")
         return
+    if text.lower().endswith(".zip"):
+        check.existing_path(path, "--reference", folder=False, what=what)
+        if check.image_zip(path, "--reference") < 2:
+            raise UsageError(f"--reference {source!r} holds a single image; reference statistics need at least 2")
+        return
     if path.is_dir():
-        if check.image_folder(path, "--reference", same_size=True) < 2:
+        fixed = {"shape": (1, 8, 8), "shape_reason": "the digits extractor (the default --extractor)"} if digits_features else {}
+        if check.image_folder(path, "--reference", same_size=False, **fixed) < 2:
             raise UsageError(f"--reference {source!r} holds a single image; reference statistics need at least 2")
         return
     if path.exists():
-        raise UsageError(f"--reference {source!r} is a file, not a folder of images or a .npz statistics file; {what}")
+        raise UsageError(f"--reference {source!r} is a file, not a folder or .zip of images or a .npz statistics file; {what}")
     raise UsageError(f"--reference {source!r}: no such folder or file; {what}")
 
 
@@ -106,7 +121,13 @@ def _check_report(args: argparse.Namespace) -> None:
         raise UsageError("--no-fid and --no-exact switch off both studies; drop one of them")
     fid_only = {"--model": args.model, "--shape": args.shape, "--extractor": args.extractor, "--reference": args.reference,
                 "--inception-path": args.inception_path, "--batch-size": args.batch_size, "--run-dir": args.run_dir,
-                "--device": args.device}
+                "--device": args.device, "--ode-reference": args.ode_reference, "--metrics": args.metrics,
+                "--retry-errors": args.retry_errors or None, "--no-ode": args.no_ode or None,
+                "--weights-path": args.weights_path}
+    if args.no_ode and args.ode_reference is not None:
+        raise UsageError("--no-ode and --ode-reference contradict each other; drop one of them")
+    if args.bootstrap == 1:
+        raise UsageError("--bootstrap 1: intervals need at least 2 resamples (200 is the default); use 0 for none")
     if args.no_fid:
         given = [k for k, v in fid_only.items() if v is not None]
         if given:
@@ -130,15 +151,17 @@ def _check_report(args: argparse.Namespace) -> None:
                          "digits[:train|:test]")
     extractor = "digits" if args.extractor is None else args.extractor
     key = extractor.strip().lower()
-    if key in _INCEPTION:
-        from fewstep.eval.features import find_inception
+    if args.inception_path is not None and key not in _INCEPTION:
+        raise UsageError(f"--inception-path goes with --extractor inception or inception-tf, not {extractor!r}")
+    if args.weights_path is not None and key not in _WEIGHTS_FOLDER:
+        raise UsageError(f"--weights-path goes with --extractor dinov2 or clip, not {extractor!r}")
+    if key in _INCEPTION or key in _WEIGHTS_FOLDER:
+        from fewstep.eval.features import find_inception, find_weights_folder
 
         try:
-            find_inception(args.inception_path)
+            find_inception(args.inception_path) if key in _INCEPTION else find_weights_folder(key, args.weights_path)
         except FileNotFoundError as err:
             raise UsageError(f"--extractor {extractor}: {err}") from None
-    elif args.inception_path is not None:
-        raise UsageError(f"--inception-path goes with --extractor inception or inception-tf, not {extractor!r}")
     elif ":" in extractor:
         check.module_spec(extractor, "--extractor")
     elif key != "digits":
@@ -148,7 +171,21 @@ def _check_report(args: argparse.Namespace) -> None:
         raise UsageError(f"--extractor {extractor!r}: unknown feature extractor{close_matches(key, EXTRACTOR_NAMES)}; use one of "
                          f"{', '.join(EXTRACTOR_NAMES)}, or module:callable for your own")
     if args.reference is not None:
-        _check_reference(args.reference)
+        _check_reference(args.reference, args.extractor is not None, key == "digits")
+    from fewstep.eval.extra_metrics import EXTRA_METRICS
+
+    for m in args.metrics or ():
+        if m not in EXTRA_METRICS:
+            from fewstep._util import close_matches
+
+            raise UsageError(f"--metrics {m!r}: unknown metric{close_matches(m, EXTRA_METRICS)}; choose from {', '.join(EXTRA_METRICS)}")
+    if args.ode_reference is not None:
+        _check_samplers([args.ode_reference[0]], "--ode-reference")
+        import fewstep
+
+        if fewstep.spec(args.ode_reference[0]).stochastic:
+            raise UsageError(f"--ode-reference {args.ode_reference[0]}:{args.ode_reference[1]}: the exact-ODE reference needs a "
+                             "deterministic sampler (e.g. dpmpp_3m:100)")
     args.device = check.device(args.device)
     if args.reference is None or not str(args.reference).strip().endswith(".npz"):
         from fewstep.eval.reference import default_cache_dir
@@ -184,6 +221,7 @@ def _report_saved(out: Path, run_dir: Path | None, started: float) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     _check_report(args)
+    from fewstep.eval.ode_reference import REPORT_ODE
     from fewstep.eval.report import run_report
 
     out = Path(args.out)
@@ -208,8 +246,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         device=args.device,
         fid=not args.no_fid,
         exact=not args.no_exact,
+        ode_reference=None if args.no_ode else (args.ode_reference or REPORT_ODE),
+        bootstrap=args.bootstrap,
+        retry_errors=args.retry_errors,
+        extra_metrics=tuple(args.metrics or ()),
+        foreign_reference=args.extractor is not None,
+        weights_path=args.weights_path,
     )
+    failed = paths.pop("failed", [])
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if failed:
+        print(f"fewstep report: error: every cell of the {' and the '.join(failed)} study failed; {paths['md']} lists why",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -334,12 +383,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'embedded' (default), a saved diffusers pipeline folder, or module:attribute naming a denoiser")
     r.add_argument("--shape", type=check.shape_list, default=None, help="sample shape C,H,W for a module:attribute model")
     r.add_argument("--extractor", default=None,
-                   help="features: digits (default), inception (clean-fid clean), inception-tf (legacy_tensorflow), or module:callable")
+                   help="features: digits (default), inception (clean-fid clean), inception-tf (legacy_tensorflow), dinov2 "
+                        "(DINOv2 ViT-L/14, dgm-eval's preprocessing), clip (CLIP image embeddings, for --metrics cmmd), or "
+                        "module:callable")
     r.add_argument("--inception-path", default=None,
                    help="local inception-2015-12-05.pt (or its folder); default $FEWSTEP_INCEPTION_PATH, then /tmp")
+    r.add_argument("--weights-path", default=None,
+                   help="local folder of the dinov2 / clip weights (transformers format); default $FEWSTEP_DINOV2_PATH / "
+                        "$FEWSTEP_CLIP_PATH")
     r.add_argument("--reference", default=None,
-                   help="reference statistics: a folder of real images, a .npz from fewstep, or digits[:train|:test] "
+                   help="reference: a folder or .zip of real images (any sizes), a statistics .npz (fewstep's, or clean-fid's / "
+                        "EDM's {mu, sigma} with --extractor naming the network that made it), or digits[:train|:test] "
                         "(default for the embedded model: digits:test)")
+    r.add_argument("--ode-reference", type=check.sampler_budget, default=None,
+                   help="SAMPLER:NFE of the model's exact-ODE samples behind the headline FD (default: dpmpp_3m:100)")
+    r.add_argument("--no-ode", action="store_true", help="no exact-ODE reference (FID and KID to the reference only)")
+    r.add_argument("--bootstrap", type=check.nonnegative_int, default=None,
+                   help="bootstrap resamples behind every interval, 0 for none (default: 200 for the FID study, 100 for "
+                        "the exact study)")
+    r.add_argument("--metrics", type=check.name_list, default=None,
+                   help="extra metrics, comma-separated: precision_recall, inception_score, cmmd")
+    r.add_argument("--retry-errors", action="store_true", help="run the cells that recorded an error again (same run folder)")
     r.add_argument("--batch-size", type=check.positive_int, default=None, help="samples per network batch (default: 250)")
     r.add_argument("--run-dir", default=None, help="where generated features are kept for resuming (default: OUT/fid_run)")
     r.add_argument("--device", default=None, help="torch device for the network and features: cpu, cuda, cuda:N, mps (default: cpu)")

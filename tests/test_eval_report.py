@@ -16,7 +16,8 @@ from fewstep.eval import features as F
 
 def test_report_with_fid_and_exact_parts(tmp_path):
     out = tmp_path / "rep"
-    args = ["report", "--out", str(out), "--samplers", "ddim,dpmpp_2m", "--nfe", "2,8", "--num-samples", "96", "--quiet"]
+    args = ["report", "--out", str(out), "--samplers", "ddim,dpmpp_2m", "--nfe", "2,8", "--num-samples", "96", "--quiet",
+            "--ode-reference", "dpmpp_3m:20"]
     assert main(args) == 0
     rows = list(csv.DictReader(open(out / "fid_per_nfe.csv")))
     assert [(r["sampler"], int(r["nfe"])) for r in rows] == [("ddim", 2), ("ddim", 8), ("dpmpp_2m", 2), ("dpmpp_2m", 8)]
@@ -30,8 +31,33 @@ def test_report_with_fid_and_exact_parts(tmp_path):
     assert min(fid.values()) > floor["fid_all"]  # nothing beats the whole real train split
     md = (out / "report.md").read_text()
     assert "## FID per NFE" in md and "## Exact Gaussian mixture" in md and "Sampling floor" in md
-    for name in ("fid_vs_nfe.png", "samples_ddim.png", "samples_dpmpp_2m.png", "exact_mixture.png"):
+    for name in ("fid_vs_nfe.png", "samples_nfe8.png", "exact_mixture.png"):
         assert (out / name).stat().st_size > 5_000 and name in md
+    # Every FID / KID / FD cell has an interval (CSV, JSON, Markdown), and KID's subset spread is shown.
+    for r in rows:
+        for m in ("fid", "kid", "fd_ode"):
+            lo, v, hi, se = (float(r[f"{m}{k}"]) for k in ("_lo", "", "_hi", "_se"))
+            assert se > 0 and lo <= v <= hi
+        assert float(r["fd_ode"]) < float(r["fid"])  # the exact-ODE samples are closer than the data
+    assert meta["ode_reference"]["sampler"] == "dpmpp_3m" and meta["ode_reference"]["nfe"] == 20 and meta["bootstrap"] == 200
+    ddim2 = next(r for r in rows if r["sampler"] == "ddim" and r["nfe"] == "2")
+    assert f"{float(ddim2['fid']):.3g} ± " in md and "kid_std" in md and "FD to the model's exact-ODE samples" in md
+    # Bold only where significant.  At 2 NFE DPM-Solver++(2M) is DDIM (both steps first order): a
+    # difference of exactly 0, a tie.  Elsewhere a cell is bold exactly when every other cell of its
+    # column is significantly above it.
+    for m in ("fid", "kid", "fd_ode"):
+        two = {r["sampler"]: r for r in rows if r["nfe"] == "2"}
+        assert float(two["ddim"][m]) == float(two["dpmpp_2m"][m]) and not any(r[f"{m}_best"] == "True" for r in two.values())
+        for nfe in ("2", "8"):
+            col = [r for r in rows if r["nfe"] == nfe]
+            for r in col:
+                others = [o for o in col if o is not r]
+                assert (r[f"{m}_best"] == "True") == (float(r[f"{m}_vs_best"]) == 0 and all(float(o[f"{m}_vs_best_lo"]) > 0 for o in others))
+    assert "NFE 2: no sampler is significantly lowest" in md
+    exact_rows = list(csv.DictReader(open(out / "exact_mixture.csv")))
+    assert all(float(r["fd_lo"]) <= float(r["fd"]) <= float(r["fd_hi"]) and float(r["rmse_se"]) > 0 for r in exact_rows)
+    e8 = next(r for r in exact_rows if r["sampler"] == "dpmpp_2m" and r["nfe"] == "8")
+    assert f"**{float(e8['rmse']):.3g} ± " in md  # the exact mixture separates them at 8 NFE: 2M's RMSE is bold
     assert len(list(csv.DictReader(open(out / "exact_mixture.csv")))) == 4
     # Run again: everything comes from the run folder, the table is the same.
     assert main(args + ["--no-exact"]) == 0

@@ -309,3 +309,73 @@ def test_a_resume_with_another_learning_rate_says_which_one_it_uses(tmp_path, on
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same settings: no message
         _distiller(out, steps=6, resume="latest", lr=1e-3, seed=1).train()
+
+
+# -- runs that grow and heal ---------------------------------------------------------------------------
+
+
+def test_raising_num_samples_reuses_the_samples_already_made(tmp_path, denoiser, reference):
+    first = _fid(denoiser, reference, tmp_path / "run", batch_size=8, num_samples=12)
+    assert first.generated == 2 * 12
+    grown = _fid(denoiser, reference, tmp_path / "run", batch_size=8, num_samples=20)
+    assert grown.generated == 2 * 8  # only indices 12-19 of each cell
+    fresh = _fid(denoiser, reference, tmp_path / "fresh", batch_size=8, num_samples=20)
+    for g, f in zip(grown.rows, fresh.rows):
+        assert g.num_samples == 20 and g.fid == pytest.approx(f.fid, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(grown.features("ddim", 2), fresh.features("ddim", 2), rtol=1e-6, atol=1e-7)
+    # asking for fewer reads the first ones, generating nothing
+    small = _fid(denoiser, reference, tmp_path / "run", batch_size=8, num_samples=12)
+    assert small.generated == 0 and _numbers(small) == _numbers(first)
+
+
+class _FailsOn:
+    """The mixture denoiser, except that it returns NaN for the sample whose starting noise is
+    ``bad`` (from its first evaluation) while ``broken`` is set."""
+
+    def __init__(self, inner, bad):
+        self.inner, self.schedule, self.bad, self.broken, self.first = inner, inner.schedule, bad, True, None
+
+    def __call__(self, x, t):
+        out = self.inner(x, t)
+        if self.broken:
+            hit = (x.reshape(x.shape[0], -1) == self.bad.reshape(1, -1)).all(dim=1)
+            out = torch.where(hit.view(-1, *[1] * (x.ndim - 1)), torch.full_like(out, float("nan")), out)
+        return out
+
+
+def test_an_error_cell_names_the_sample_and_is_retried_in_the_same_folder(tmp_path, denoiser, reference):
+    from fewstep.eval.fid import sample_noise
+
+    den = _FailsOn(denoiser, sample_noise(0, 5, 6, (1, 8, 8))[0].double())
+    table = _fid(den, reference, tmp_path / "run", batch_size=4, num_samples=12)
+    assert all("sample 5 (noise seed 0) goes non-finite" in r.error and "retry_errors=True" in r.error for r in table.rows)
+    record = json.loads((tmp_path / "run" / "cells" / "ddim-nfe2" / "error.json").read_text())
+    assert record["sample"] == 5 and record["batch"] == [4, 8]
+    den.broken = False  # the cause is fixed
+    assert all(r.error for r in _fid(den, reference, tmp_path / "run", batch_size=4, num_samples=12).rows)  # still recorded
+    retried = _fid(den, reference, tmp_path / "run", batch_size=4, num_samples=12, retry_errors=True)
+    assert not any(r.error for r in retried.rows) and retried.generated == 2 * 8  # batches [4, 12) of each cell
+    fresh = _fid(denoiser, reference, tmp_path / "fresh", batch_size=4, num_samples=12)
+    assert [r.fid for r in retried.rows] == pytest.approx([r.fid for r in fresh.rows], rel=1e-9)
+    assert not (tmp_path / "run" / "cells" / "ddim-nfe2" / "error.json").exists()
+
+
+def test_the_report_exits_non_zero_when_every_cell_failed(tmp_path, monkeypatch, capsys):
+    from fewstep.cli import main
+
+    (tmp_path / "nan_model.py").write_text(
+        "import torch\n"
+        "from fewstep.eval.exact import default_schedule\n"
+        "class Den:\n"
+        "    schedule = default_schedule()\n"
+        "    sample_shape = (1, 8, 8)\n"
+        "    def __call__(self, x, t):\n"
+        "        return x * float('nan')\n"
+        "den = Den()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["report", "--model", "nan_model:den", "--reference", "digits:test", "--no-exact", "--samplers", "ddim,dpmpp_2m",
+            "--nfe", "2", "--num-samples", "8", "--quiet", "--out", str(tmp_path / "rep"), "--ode-reference", "dpmpp_3m:4"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "every cell of the FID study failed" in err and "report.md" in err
+    assert "sample 0 (noise seed 0) goes non-finite" in (tmp_path / "rep" / "report.md").read_text()

@@ -15,10 +15,16 @@ diffusers' convention); features are float32 ``(N, F)`` on the CPU.  Three kinds
   (the network's own TensorFlow-style resize: the numbers most papers report).  The weights are
   never downloaded: without the file the constructor raises :class:`InceptionWeightsMissing`,
   naming the file and where to put it.
+* :class:`fewstep.eval.dinov2.DinoV2Features` (``dinov2``): DINOv2 ViT-L/14 class-token features
+  with dgm-eval's preprocessing (Stein et al. 2023), and :class:`fewstep.eval.clip.ClipFeatures`
+  (``clip``): CLIP image embeddings as CMMD uses them (Jayasumana et al. 2024); both from a local
+  ``transformers`` folder (:func:`find_weights_folder`), never downloaded, with the same kind of
+  missing-weights error (:class:`WeightsMissing`);
 * :class:`CallableFeatures`: any user callable.
 
 :func:`get_extractor` resolves the names used on the command line (``digits``, ``inception``,
-``inception-tf``, ``module:attribute``).
+``inception-tf``, ``dinov2``, ``clip``, ``module:attribute``).  Extractors with a classifier
+(digits, Inception) also have ``logits_from_features`` (Inception Score).
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ __all__ = [
     "digits_features",
     "InceptionFeatures",
     "InceptionWeightsMissing",
+    "WeightsMissing",
+    "TransformersFeatures",
+    "rgb_uint8",
+    "find_weights_folder",
+    "WEIGHTS_ENV",
     "CallableFeatures",
     "get_extractor",
     "to_uint8",
@@ -62,7 +73,14 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 INCEPTION_ENV = "FEWSTEP_INCEPTION_PATH"
 _DIGITS_WEIGHTS = "digits_features.safetensors"
 INCEPTION_MODES = ("clean", "legacy_tensorflow")
-EXTRACTOR_NAMES = ("digits", "inception", "inception-clean", "inception-tf", "inception-legacy-tensorflow")
+EXTRACTOR_NAMES = ("digits", "inception", "inception-clean", "inception-tf", "inception-legacy-tensorflow", "dinov2", "clip")
+#: Environment variables naming the local weight folders of the transformers-based extractors.
+WEIGHTS_ENV = {"dinov2": "FEWSTEP_DINOV2_PATH", "clip": "FEWSTEP_CLIP_PATH"}
+#: What to save into such a folder (on a machine that may download), per extractor.
+_WEIGHTS_SOURCE = {
+    "dinov2": ("DINOv2 ViT-L/14", "transformers.Dinov2Model.from_pretrained('facebook/dinov2-large')"),
+    "clip": ("CLIP ViT-L/14 at 336 px", "transformers.CLIPVisionModelWithProjection.from_pretrained('openai/clip-vit-large-patch14-336')"),
+}
 
 
 @runtime_checkable
@@ -82,6 +100,17 @@ def _check_images(images: Any, who: str) -> torch.Tensor:
             f"{who} takes float images of shape (N, C, H, W) in [-1, 1], got {images.dtype} of shape {tuple(images.shape)}"
         )
     return images
+
+
+def rgb_uint8(images: Any, who: str) -> torch.Tensor:
+    """Float images (N, 1 or 3, H, W) in [-1, 1] to uint8 RGB (N, 3, H, W) on the CPU: grey is
+    repeated to three channels (PIL's ``convert("RGB")``), values quantised as saving would."""
+    x = _check_images(images, who)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ValueError(f"{who} takes grey or RGB images (C = 1 or 3), got C = {x.shape[1]}")
+    return to_uint8(x.cpu())
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -120,6 +149,9 @@ class DigitsFeatureNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -180,6 +212,12 @@ class DigitsFeatures:
             f = self.net.features(x.to(self.device, torch.float32).clamp(-1, 1)) * self.scale
         return f.cpu()
 
+    def logits_from_features(self, features: Any) -> np.ndarray:
+        """The classifier's 10 logits from features this extractor returned (scale undone)."""
+        f = torch.as_tensor(np.asarray(features), dtype=torch.float32) / self.scale
+        with torch.no_grad():
+            return self.net.logits(f.to(self.device)).cpu().double().numpy()
+
     def __repr__(self) -> str:
         return f"DigitsFeatures(name={self.name!r}, dim={self.dim})"
 
@@ -194,8 +232,82 @@ def digits_features(device: torch.device | str | None = None) -> DigitsFeatures:
 # ---------------------------------------------------------------------------------------------
 
 
-class InceptionWeightsMissing(FileNotFoundError):
+class WeightsMissing(FileNotFoundError):
+    """A feature network's weights are not on this machine (fewstep never downloads them)."""
+
+
+class InceptionWeightsMissing(WeightsMissing):
     """The Inception TorchScript file is not on this machine (fewstep never downloads it)."""
+
+
+def find_weights_folder(kind: str, path: str | os.PathLike | None = None) -> Path:
+    """The local ``transformers`` folder (``config.json`` and ``*.safetensors``) of the ``dinov2``
+    or ``clip`` extractor: ``path``, else ``$FEWSTEP_DINOV2_PATH`` / ``$FEWSTEP_CLIP_PATH``.
+    Never downloads; raises :class:`WeightsMissing` saying what to put where."""
+    env = WEIGHTS_ENV[kind]
+    what, how = _WEIGHTS_SOURCE[kind]
+    origin, given = ("argument", path) if path is not None else (f"${env}", os.environ.get(env))
+    problem = "no folder given"
+    if given:
+        p = Path(given).expanduser()
+        if not p.is_dir():
+            problem = f"{p} ({origin}) is not a folder"
+        elif not (p / "config.json").is_file():
+            problem = f"{p} ({origin}) has no config.json"
+        elif not list(p.glob("*.safetensors")):
+            problem = f"{p} ({origin}) has no .safetensors weights (pickled .bin files are not loaded)"
+        else:
+            return p
+    raise WeightsMissing(
+        f"{what} weights not found: {problem}. fewstep never downloads them. On a machine with network access run "
+        f"{how}.save_pretrained(FOLDER) (safetensors), copy FOLDER here and point {env}=FOLDER (or `--weights-path "
+        f"FOLDER`, or path=FOLDER) at it."
+    )
+
+
+class TransformersFeatures:
+    """The part the ``transformers``-based extractors share: the network ``transformers.<cls_name>``
+    from the local folder of :func:`find_weights_folder` (``local_files_only``, safetensors only;
+    eval mode, no gradients), a cache key ``<kind>-<digest of config and weights>``, and batched
+    calls of :meth:`forward` on :meth:`preprocess`'d uint8 RGB images.  Subclasses set ``kind``,
+    ``cls_name`` and ``dim`` and write the two methods."""
+
+    kind = ""
+    cls_name = ""
+
+    def __init__(self, path: str | os.PathLike | None = None, device: torch.device | str | None = None, batch_size: int = 32):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.path = find_weights_folder(self.kind, path)
+        try:
+            import transformers
+        except ImportError as err:
+            raise ImportError(f"the {self.kind} extractor needs transformers: pip install 'fewstep[features]' ({err})") from None
+        model = getattr(transformers, self.cls_name).from_pretrained(str(self.path), local_files_only=True, use_safetensors=True)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.batch_size = int(batch_size)
+        h = hashlib.sha256()
+        for p in sorted([self.path / "config.json", *self.path.glob("*.safetensors")]):
+            h.update(p.name.encode() + b"\0" + _sha256(p, 64).encode())
+        self.name = f"{self.kind}-{h.hexdigest()[:12]}"
+
+    def preprocess(self, u8: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        u8 = rgb_uint8(images, type(self).__name__)
+        feats = []
+        with torch.no_grad():
+            for i in range(0, u8.shape[0], self.batch_size):
+                feats.append(self.forward(self.preprocess(u8[i : i + self.batch_size]).to(self.device)).float().cpu())
+        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path='{self.path}', dim={self.dim})"
 
 
 def cleanfid_inception_location() -> Path:
@@ -302,12 +414,7 @@ class InceptionFeatures:
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = _check_images(images, "InceptionFeatures")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[1] != 3:
-            raise ValueError(f"InceptionFeatures takes grey or RGB images (C = 1 or 3), got C = {x.shape[1]}")
-        u8 = to_uint8(x.cpu())
+        u8 = rgb_uint8(images, "InceptionFeatures")
         feats = []
         with torch.no_grad():
             for i in range(0, u8.shape[0], self.batch_size):
@@ -318,6 +425,13 @@ class InceptionFeatures:
                     f = self.net(b, return_features=True)
                 feats.append(f.reshape(b.shape[0], self.dim).float().cpu())
         return torch.cat(feats) if feats else torch.zeros(0, self.dim)
+
+    def logits_from_features(self, features: Any) -> np.ndarray:
+        """The 1008 class logits of pool features this extractor returned: ``features @ W^T``
+        with the output layer's weight and *without its bias*, as the Inception Score of Salimans
+        et al. computes them (``no_output_bias=True`` in StyleGAN2-ADA's TorchScript call)."""
+        w = self.net.output.weight.detach().to("cpu", torch.float64).numpy()
+        return np.asarray(features, dtype=np.float64) @ w.T
 
     def __repr__(self) -> str:
         return f"InceptionFeatures(mode={self.mode!r}, path='{self.path}')"
@@ -377,13 +491,15 @@ def get_extractor(
     extractor: str | FeatureExtractor | Callable[[torch.Tensor], Any] = "digits",
     *,
     inception_path: str | os.PathLike | None = None,
+    weights_path: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
 ) -> FeatureExtractor:
     """A feature extractor from a name or an object.
 
     ``"digits"``: :class:`DigitsFeatures`; ``"inception"`` / ``"inception-clean"``: Inception in
     clean-fid's clean mode; ``"inception-tf"`` / ``"inception-legacy-tensorflow"``: its
-    legacy_tensorflow mode; ``"module:attribute"``: an object imported from Python (a class is
+    legacy_tensorflow mode; ``"dinov2"`` / ``"clip"``: the transformers-based extractors from
+    ``weights_path`` (or their environment variable); ``"module:attribute"``: an object imported from Python (a class is
     instantiated without arguments); an object with ``name`` is used as it is; any other callable
     is wrapped in :class:`CallableFeatures`."""
     if isinstance(extractor, str):
@@ -394,6 +510,14 @@ def get_extractor(
             return InceptionFeatures("clean", inception_path, device)
         if key in ("inception-tf", "inception-legacy-tensorflow", "inception-legacy_tensorflow"):
             return InceptionFeatures("legacy_tensorflow", inception_path, device)
+        if key == "dinov2":
+            from fewstep.eval.dinov2 import DinoV2Features
+
+            return DinoV2Features(weights_path, device=device)
+        if key == "clip":
+            from fewstep.eval.clip import ClipFeatures
+
+            return ClipFeatures(weights_path, device=device)
         if ":" in extractor:
             obj = import_object(extractor.strip())
             if isinstance(obj, type):

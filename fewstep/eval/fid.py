@@ -33,9 +33,24 @@ features and compares them with reference statistics.  How it keeps its promises
   ``k % world_size``; ranks write chunks into the shared
   ``run_dir`` and every rank computes the same table after a barrier.
 
+* **Runs grow.**  The sample count is not part of the manifest: sample ``i`` is the same whatever
+  ``num_samples`` is, so raising ``num_samples`` on an existing run folder generates only the new
+  indices (and lowering it reads the first ``num_samples``).  Batches stay the fixed ranges
+  ``[k B, (k + 1) B)`` clipped to what is missing, so a grown run can differ from a fresh run of
+  the larger size only by the batch-size round-off above, in the batch that straddled the old end.
+* **Failed cells are named and retried.**  A batch whose samples go non-finite is rerun one sample
+  at a time to find the first failing index; the cell's ``error.json`` records it and the message
+  names it.  ``retry_errors=True`` (``fewstep report --retry-errors``) forgets the recorded errors
+  of the grid's cells and runs them again, in the same run folder.
+
 FID is the Fréchet distance of the Gaussian fits (:mod:`fewstep.eval.frechet`, statistics folded in
 chunk by chunk with :class:`fewstep.eval.stats.RunningStats`); KID is
-:func:`fewstep.eval.kid.kernel_inception_distance` against the reference features.
+:func:`fewstep.eval.kid.kernel_inception_distance` against the reference features.  With
+``ode_reference=(sampler, nfe)`` the model's own many-step samples from the same noises are one
+more cell, and every cell gets ``fd_ode``, the Fréchet distance to them (zero for an exact solver,
+so it has no sampling floor: :mod:`fewstep.eval.ode_reference`).  Every number comes with a
+bootstrap standard error and 95 % interval over the sample indices, and every column with paired
+differences to its best cell (:mod:`fewstep.eval.uncertainty`).
 """
 
 from __future__ import annotations
@@ -62,10 +77,21 @@ import fewstep
 from fewstep._dist import barrier, maybe_init_distributed
 from fewstep._util import atomic_savez, atomic_write_bytes, module_fingerprint, seeded_generator
 from fewstep.eval.features import FeatureExtractor, get_extractor
-from fewstep.eval.frechet import frechet_distance
+from fewstep.eval.frechet import frechet_distance, frechet_distance_from_features
 from fewstep.eval.kid import kernel_inception_distance
 from fewstep.eval.reference import ReferenceStats
 from fewstep.eval.stats import RunningStats
+from fewstep.eval.uncertainty import (
+    DEFAULT_REPLICATES,
+    Z95,
+    Comparison,
+    bootstrap_counts,
+    compare,
+    fd_replicates,
+    interval,
+    mmd_replicates,
+    resampled_moments,
+)
 from fewstep.samplers.core import NonFiniteError, model_schedule, prepare
 
 __all__ = [
@@ -80,6 +106,12 @@ __all__ = [
 
 _MANIFEST = "manifest.json"
 _FORMAT = 2  # 2: the model is fingerprinted and the schedule recorded
+_NOT_COMPARED = ("num_samples",)  # recorded by older versions; a run folder now grows with the sample count
+#: Above this many generated or reference samples the N x N kernel matrices of KID's bootstrap do
+#: not fit in memory; KID's interval then comes from its subsets and KID gets no paired comparison.
+MAX_KERNEL_SAMPLES = 5000
+#: The metrics of a row that carry intervals and paired comparisons: (field, what it is).
+METRICS = (("fd_ode", "FD to the exact-ODE samples"), ("fid", "FID to the reference"), ("kid", "KID to the reference"))
 
 
 def sample_generators(seed: int, start: int, end: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -107,7 +139,15 @@ def cell_key(sampler: str, nfe: int, options: Mapping[str, Any] | None = None) -
 class FidRow:
     """One cell of the table.  ``seconds_per_sample`` is the generation wall time (network and
     sampler, not feature extraction) per sample, summed over the batches of the run(s) that made
-    them; ``error`` says why a cell has no numbers (an impossible budget, non-finite samples)."""
+    them; ``error`` says why a cell has no numbers (an impossible budget, non-finite samples, with
+    the first failing sample index).
+
+    Every metric ``m`` of :data:`METRICS` has ``m_se`` (bootstrap standard error over the sample
+    indices) and ``m_lo``/``m_hi`` (95 % interval); ``fd_ode`` is NaN without an ODE reference.
+    ``kid``/``kid_std`` are clean-fid's subset mean and subset spread; ``kid_se`` is the bootstrap
+    standard error of the full-sample unbiased MMD^2 (the limit of the subset mean), which is what
+    another seed would move (above :data:`MAX_KERNEL_SAMPLES` samples: ``kid_std`` scaled by
+    ``sqrt(subset size / N)``, without a paired comparison).  ``extra`` holds optional metrics (precision, recall, ...)."""
 
     sampler: str
     nfe: int
@@ -118,6 +158,17 @@ class FidRow:
     seconds_per_sample: float
     stochastic: bool
     error: str = ""
+    fid_se: float = math.nan
+    fid_lo: float = math.nan
+    fid_hi: float = math.nan
+    kid_se: float = math.nan
+    kid_lo: float = math.nan
+    kid_hi: float = math.nan
+    fd_ode: float = math.nan
+    fd_ode_se: float = math.nan
+    fd_ode_lo: float = math.nan
+    fd_ode_hi: float = math.nan
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +183,11 @@ class FidTable:
     generated: int  # samples this process generated in this call (the rest came from earlier runs or other ranks)
     extractor: str
     cells: dict[tuple[str, int], str] = field(default_factory=dict, repr=False)
+    #: ``comparisons[metric][nfe]``: the column's best sampler, whether it is significantly best, and
+    #: every sampler's paired difference to it (:func:`fewstep.eval.uncertainty.compare`).
+    comparisons: dict[str, dict[int, Comparison]] = field(default_factory=dict, repr=False)
+    ode_reference: dict[str, Any] | None = None  # {"sampler", "nfe", "cell", "error"} of the exact-ODE cell
+    bootstrap: int = 0  # resamples behind every interval
 
     def row(self, sampler: str, nfe: int) -> FidRow:
         for r in self.rows:
@@ -140,7 +196,22 @@ class FidTable:
         raise KeyError(f"no row for ({sampler!r}, {nfe})")
 
     def as_dicts(self) -> list[dict[str, Any]]:
-        return [asdict(r) for r in self.rows]
+        """One flat dict per row: its fields, the ``extra`` metrics as columns, and per metric the
+        paired difference to the column's best cell (``m_vs_best``, ``m_vs_best_lo``,
+        ``m_vs_best_hi``) and whether this cell is that best and significantly so (``m_best``)."""
+        out = []
+        for r in self.rows:
+            d = asdict(r)
+            d.update(d.pop("extra"))
+            for m, _ in METRICS:
+                comp = self.comparisons.get(m, {}).get(r.nfe)
+                diff = comp.differences.get(r.sampler) if comp is not None else None
+                d[f"{m}_vs_best"] = diff.diff if diff is not None else math.nan
+                d[f"{m}_vs_best_lo"] = diff.lo if diff is not None else math.nan
+                d[f"{m}_vs_best_hi"] = diff.hi if diff is not None else math.nan
+                d[f"{m}_best"] = bool(comp is not None and comp.best == r.sampler and comp.significant)
+            out.append(d)
+        return out
 
     def _pieces(self, sampler: str, nfe: int) -> list[tuple[int, int, _Chunk]]:
         folder = self.run_dir / "cells" / self.cells[(sampler, nfe)]
@@ -347,7 +418,7 @@ def _check_manifest(run_dir: Path, manifest: dict[str, Any], rank: int) -> None:
                 f"{path} cannot be read ({err}), so fewstep cannot tell which run the samples in {run_dir} belong to; "
                 "delete that folder to start over, or use another run folder"
             ) from None
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k) and k not in _NOT_COMPARED)
         if diff:
             raise ValueError(
                 f"{run_dir} holds a run with different settings ({', '.join(f'{k}: {old.get(k)!r} != {manifest.get(k)!r}' for k in diff)}); "
@@ -371,6 +442,37 @@ def _as_progress(progress: bool | Callable[[str], None], total: int, rank: int) 
     return tick, bar.close
 
 
+def _failing_sample(denoiser: Any, shape: tuple[int, ...], name: str, nfe: int, seed: int, start: int, end: int,
+                    schedule: Any, device: Any, dtype: torch.dtype, options: Mapping[str, Any]) -> tuple[int | None, str]:
+    """The first index of ``[start, end)`` whose sample alone goes non-finite, and its error
+    (``None`` if none does alone: then only the batch as a whole failed)."""
+    for i in range(start, end):
+        gens = sample_generators(seed, i, i + 1)
+        noise = torch.randn(shape, generator=gens[0])[None]
+        try:
+            with torch.no_grad():
+                fewstep.sample(denoiser, noise.to(device=device, dtype=dtype), name, nfe, schedule=schedule, generator=gens,
+                               **options)
+        except (NonFiniteError, FloatingPointError) as err:
+            return i, str(err)
+    return None, ""
+
+
+def _cell_features(folder: Path, dim: int, n: int) -> tuple[np.ndarray, float]:
+    """The (n, D) features of a cell in index order and the generation seconds they took."""
+    pieces, gaps = _cover(_read_chunks(folder, dim), n)
+    if gaps:
+        raise RuntimeError(
+            f"{folder} lacks samples {', '.join(f'[{a}, {b})' for a, b in gaps)} (another process deleted or "
+            "is still writing them?); run fid_per_nfe again with this run folder to generate them"
+        )
+    feats, seconds = [], 0.0
+    for lo, hi, (s, e, c) in pieces:
+        feats.append(c["features"][lo - s : hi - s])
+        seconds += float(c["seconds"]) * (hi - lo) / (e - s)  # a piece of a chunk: its share of the time
+    return np.concatenate(feats), seconds
+
+
 def fid_per_nfe(
     denoiser: Callable[..., torch.Tensor],
     *,
@@ -391,9 +493,14 @@ def fid_per_nfe(
     keep_images: int = 64,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
+    ode_reference: tuple[str, int] | None = None,
+    bootstrap: int = DEFAULT_REPLICATES,
+    retry_errors: bool = False,
+    extra_metrics: Sequence[str] = (),
     progress: bool | Callable[[str], None] = True,
 ) -> FidTable:
-    """FID and KID for every (sampler, NFE) of the grid; see the module docstring.
+    """FID and KID (and FD to the exact-ODE samples) for every (sampler, NFE) of the grid, each
+    with a bootstrap interval; see the module docstring.
 
     Args:
         denoiser: ``denoiser(x, t) -> x0_hat`` with a ``.schedule`` (or pass ``schedule``), e.g.
@@ -402,12 +509,13 @@ def fid_per_nfe(
         samplers, nfes: the grid (every sampler at every NFE; budgets a sampler cannot meet become
             rows with ``error`` set).
         reference: statistics of the real data under the same extractor
-            (:func:`fewstep.eval.reference.reference_stats`).
+            (:func:`fewstep.eval.reference.reference_stats`).  Without its features (a foreign
+            ``{mu, sigma}`` file) KID is NaN.
         extractor: a feature extractor or its name (:func:`fewstep.eval.features.get_extractor`).
         num_samples: samples per cell.  seed: the noise seed (sample ``i`` uses ``[seed, i]``).
         batch_size: samples per network batch, and the unit of checkpointing and sharding.
-        run_dir: where samples' features are kept between runs (resume); default a temporary
-            folder removed at the end.
+        run_dir: where samples' features are kept between runs (resume, growth); default a
+            temporary folder removed at the end.
         model_id: a string naming the model in the manifest (a run folder is only reused for the
             same model; it must change whenever the weights change).  Default: for an
             ``nn.Module`` denoiser, a fingerprint of its state dict and settings
@@ -418,15 +526,28 @@ def fid_per_nfe(
         device, dtype: where and in what dtype the network runs (noise is drawn on the CPU).
         keep_images: how many of the first samples of each cell to keep as images (sample grids).
         kid_subsets, kid_subset_size: KID's subset averaging.
+        ode_reference: ``(sampler, nfe)`` of the model's many-step solution from the same noises
+            (:data:`fewstep.eval.ode_reference.REPORT_ODE`); every row then gets ``fd_ode``.
+        bootstrap: resamples of the sample indices behind every interval (0: no intervals).
+        retry_errors: run the grid's cells that recorded an error again.
+        extra_metrics: any of ``"precision_recall"`` (Kynkäänniemi et al. 2019, k = 3, needs the
+            reference features), ``"inception_score"`` (needs an extractor with a classifier,
+            ``logits_from_features``), ``"cmmd"`` (Jayasumana et al. 2024; meaningful on CLIP
+            features): :mod:`fewstep.eval.extra_metrics`.  They land in ``FidRow.extra``.
         progress: a progress bar (``True``), none, or a callable receiving a message per batch.
     """
+    from fewstep.eval.extra_metrics import check_extra_metrics, extra_metric_values
+
     ext = get_extractor(extractor, device=device)
     reference.check_extractor(ext)
+    check_extra_metrics(extra_metrics, ext, reference)
     shape = tuple(int(s) for s in shape)
     if int(num_samples) < 2:
         raise ValueError(f"num_samples must be at least 2 (a covariance needs two samples), got {num_samples}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if int(bootstrap) < 0 or int(bootstrap) == 1:
+        raise ValueError(f"bootstrap must be 0 (no intervals) or at least 2 resamples, got {bootstrap}")
     schedule = model_schedule(denoiser, schedule)
     dim = int(np.asarray(reference.mu).shape[0])  # the features' dimension: a chunk with another one is not ours
     options = {k: dict(v) for k, v in (sampler_options or {}).items()}
@@ -434,6 +555,13 @@ def fid_per_nfe(
     if unknown:
         raise ValueError(f"sampler_options names samplers not in the grid: {sorted(unknown)}")
     num_samples, batch_size = int(num_samples), int(batch_size)
+    grid = [(name, int(nfe)) for name in samplers for nfe in nfes]
+    ode_cell = None
+    if ode_reference is not None:
+        ode_cell = (str(ode_reference[0]), int(ode_reference[1]))
+        if fewstep.spec(ode_cell[0]).stochastic:
+            raise ValueError(f"the ODE reference must be a deterministic sampler, not {ode_cell[0]!r}")
+    cells_to_run = grid + ([ode_cell] if ode_cell is not None and ode_cell not in grid else [])
     rank, world = maybe_init_distributed()
 
     temp = None
@@ -449,7 +577,6 @@ def fid_per_nfe(
         "schedule": _schedule_key(schedule),
         "shape": list(shape),
         "seed": int(seed),
-        "num_samples": num_samples,
         "extractor": ext.name,
         "dtype": str(dtype).replace("torch.", ""),
     }
@@ -464,24 +591,28 @@ def fid_per_nfe(
         errors: dict[tuple[str, int], str] = {}
         stochastic: dict[tuple[str, int], bool] = {}  # whether the cell's program draws noise (its options)
         work: list[tuple[str, int, int, int]] = []
-        for name in samplers:
+        for name, _ in cells_to_run:
             fewstep.spec(name)  # an unknown name fails here, before any work
-            for nfe in nfes:
-                opts = options.get(name, {})
-                key = cell_key(name, int(nfe), opts)
-                cells[(name, int(nfe))] = key
-                try:
-                    stochastic[(name, int(nfe))] = prepare(name, int(nfe), schedule, **opts).stochastic
-                except ValueError as err:
-                    errors[(name, int(nfe))] = str(err)
-                    continue
-                folder = run / "cells" / key
-                recorded = _read_error(folder)
-                if recorded is not None:
-                    errors[(name, int(nfe))] = recorded
-                    continue
-                for s, e in _missing(_covered(folder, dim), num_samples, batch_size):
-                    work.append((name, int(nfe), s, e))
+        if retry_errors and rank == 0:
+            for name, nfe in cells_to_run:
+                (run / "cells" / cell_key(name, nfe, options.get(name, {})) / "error.json").unlink(missing_ok=True)
+        barrier()
+        for name, nfe in cells_to_run:
+            opts = options.get(name, {})
+            key = cell_key(name, nfe, opts)
+            cells[(name, nfe)] = key
+            try:
+                stochastic[(name, nfe)] = prepare(name, nfe, schedule, **opts).stochastic
+            except ValueError as err:
+                errors[(name, nfe)] = str(err)
+                continue
+            folder = run / "cells" / key
+            recorded = _read_error(folder)
+            if recorded is not None:
+                errors[(name, nfe)] = recorded
+                continue
+            for s, e in _missing(_covered(folder, dim), num_samples, batch_size):
+                work.append((name, nfe, s, e))
         barrier()  # every rank planned from the same files
 
         mine = [w for k, w in enumerate(work) if k % world == rank]
@@ -504,7 +635,13 @@ def fid_per_nfe(
                         )
                     stochastic[(name, nfe)] = info.stochastic
                 except (NonFiniteError, FloatingPointError) as err:
-                    atomic_write_bytes(folder / "error.json", json.dumps({"error": str(err)}).encode())
+                    index, alone = _failing_sample(denoiser, shape, name, nfe, seed, start, end, schedule, device, dtype,
+                                                   options.get(name, {}))
+                    where = (f"sample {index} (noise seed {seed}) goes non-finite: {alone}" if index is not None else
+                             f"the batch of samples [{start}, {end}) goes non-finite, though each sample alone does not: {err}")
+                    msg = f"{where}; after fixing the cause, rerun with retry_errors=True (fewstep report --retry-errors)"
+                    atomic_write_bytes(folder / "error.json", json.dumps(
+                        {"error": msg, "sample": index, "batch": [start, end]}).encode())
                     failed.add((name, nfe))
                     continue
                 seconds = time.perf_counter() - t0
@@ -521,39 +658,70 @@ def fid_per_nfe(
             close()
         barrier()
 
-        # Every rank reads all chunks and computes the same table.
-        rows = []
-        for name in samplers:
-            for nfe in nfes:
-                key, nfe = cells[(name, int(nfe))], int(nfe)
-                stoch = stochastic.get((name, nfe), fewstep.spec(name).stochastic)
-                folder = run / "cells" / key
-                if (name, nfe) not in errors:
-                    recorded = _read_error(folder)
-                    if recorded is not None:
-                        errors[(name, nfe)] = recorded
-                if (name, nfe) in errors:
-                    rows.append(FidRow(name, nfe, math.nan, math.nan, math.nan, 0, math.nan, stoch, errors[(name, nfe)]))
-                    continue
-                pieces, gaps = _cover(_read_chunks(folder, dim), num_samples)
-                if gaps:
-                    raise RuntimeError(
-                        f"{folder} lacks samples {', '.join(f'[{a}, {b})' for a, b in gaps)} (another process deleted or "
-                        "is still writing them?); run fid_per_nfe again with this run folder to generate them"
-                    )
-                stats, feats, seconds = RunningStats(), [], 0.0
-                for lo, hi, (s, e, c) in pieces:
-                    part = c["features"][lo - s : hi - s]
-                    stats.update(part)
-                    feats.append(part)
-                    seconds += float(c["seconds"]) * (hi - lo) / (e - s)  # a piece of a chunk: its share of the time
-                fid = frechet_distance(stats.mean, stats.cov, reference.mu, reference.sigma)
-                kid = kid_std = math.nan
-                if reference.features is not None:
-                    kid, kid_std = kernel_inception_distance(np.concatenate(feats), reference.features, kid_subsets, kid_subset_size)
-                rows.append(FidRow(name, nfe, fid, kid, kid_std, num_samples, seconds / num_samples, stoch))
-        ref_info = {"source": reference.source, "num_samples": reference.num_samples, "extractor": reference.extractor}
-        table = FidTable(rows, run, ref_info, generated, ext.name, cells)
+        # Every rank reads all chunks and computes the same table (the bootstrap resamples are seeded).
+        for key in cells_to_run:
+            if key not in errors:
+                recorded = _read_error(run / "cells" / cells[key])
+                if recorded is not None:
+                    errors[key] = recorded
+        counts = bootstrap_counts(num_samples, bootstrap, seed) if bootstrap else None
+        ode_feats = None
+        ode_info = None
+        if ode_cell is not None:
+            ode_info = {"sampler": ode_cell[0], "nfe": ode_cell[1], "cell": cells[ode_cell], "error": errors.get(ode_cell, "")}
+            if ode_cell not in errors:
+                ode_feats = _cell_features(run / "cells" / cells[ode_cell], dim, num_samples)[0]
+        ref_feats = reference.features
+        ode_moments = None
+        rows, reps = [], {m: {} for m, _ in METRICS}
+        for name, nfe in grid:
+            stoch = stochastic.get((name, nfe), fewstep.spec(name).stochastic)
+            if (name, nfe) in errors:
+                rows.append(FidRow(name, nfe, math.nan, math.nan, math.nan, 0, math.nan, stoch, errors[(name, nfe)]))
+                continue
+            feats, seconds = _cell_features(run / "cells" / cells[(name, nfe)], dim, num_samples)
+            stats = RunningStats.from_features(feats)
+            values = {"fid": frechet_distance(stats.mean, stats.cov, reference.mu, reference.sigma), "kid": math.nan,
+                      "fd_ode": math.nan}
+            kid_std = math.nan
+            if ref_feats is not None:
+                values["kid"], kid_std = kernel_inception_distance(feats, ref_feats, kid_subsets, kid_subset_size)
+            if ode_feats is not None:
+                values["fd_ode"] = frechet_distance_from_features(feats, ode_feats)
+            row = FidRow(name, nfe, values["fid"], values["kid"], kid_std, num_samples, seconds / num_samples, stoch,
+                         fd_ode=values["fd_ode"], extra=extra_metric_values(extra_metrics, feats, ref_feats, ext))
+            if counts is not None:
+                if ode_feats is not None and ode_moments is None and ode_feats.shape[0] >= ode_feats.shape[1]:
+                    ode_moments = resampled_moments(ode_feats, counts)  # once for every cell
+                r_fid, r_ode = fd_replicates(feats, counts, mu=reference.mu, sigma=reference.sigma, paired_with=ode_feats,
+                                             paired_moments=ode_moments)
+                kernel_ok = ref_feats is not None and max(num_samples, len(ref_feats)) <= MAX_KERNEL_SAMPLES
+                cell_reps = {"fid": r_fid, "fd_ode": r_ode, "kid": mmd_replicates(feats, ref_feats, counts) if kernel_ok else None}
+                if ref_feats is not None and not kernel_ok and math.isfinite(values["kid"]):
+                    # N x N kernels do not fit: the subsets' spread scaled to the full sample
+                    # (first-order U-statistic variance ~ 1/size); no paired comparison for KID.
+                    m_sub = min(kid_subset_size, num_samples, len(ref_feats))
+                    row.kid_se = kid_std * math.sqrt(m_sub / num_samples)
+                    row.kid_lo, row.kid_hi = values["kid"] - Z95 * row.kid_se, values["kid"] + Z95 * row.kid_se
+                for m, _ in METRICS:
+                    if cell_reps[m] is None or not math.isfinite(values[m]):
+                        continue
+                    iv = interval(values[m], cell_reps[m], nonnegative=m != "kid")
+                    setattr(row, f"{m}_se", iv.se)
+                    setattr(row, f"{m}_lo", iv.lo)
+                    setattr(row, f"{m}_hi", iv.hi)
+                    reps[m][(name, nfe)] = cell_reps[m]
+            rows.append(row)
+        comparisons: dict[str, dict[int, Comparison]] = {m: {} for m, _ in METRICS}
+        for m, _ in METRICS:
+            for nfe in dict.fromkeys(n for _, n in grid):
+                est = {r.sampler: getattr(r, m) for r in rows if r.nfe == nfe and (r.sampler, nfe) in reps[m]}
+                comp = compare(est, {s: reps[m][(s, nfe)] for s in est}) if est else None
+                if comp is not None:
+                    comparisons[m][nfe] = comp
+        ref_info = {"source": reference.source, "num_samples": reference.num_samples, "extractor": reference.extractor,
+                    "has_features": reference.features is not None}
+        table = FidTable(rows, run, ref_info, generated, ext.name, cells, comparisons, ode_info, int(bootstrap))
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)

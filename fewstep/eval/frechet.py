@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_from_features", "trace_sqrt_product"]
+__all__ = ["gaussian_stats", "frechet_distance", "frechet_distances", "frechet_distance_from_features", "trace_sqrt_product"]
 
 
 def _np64(a: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -35,25 +35,28 @@ def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.
 
 
 def _psd_eigh(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of a symmetric PSD matrix, eigenvalues within rounding of zero set to zero.
+    """Eigenpairs of symmetric PSD matrices ``(..., D, D)``, eigenvalues within rounding of zero
+    set to zero.
 
     ``eigh`` returns each eigenvalue with an absolute error of about ``D eps ||S||``; a zero
     eigenvalue (a feature that never varies, such as a dead ReLU unit, or fewer samples than
     dimensions) then comes back as +-1e-13 or so, and its square root, 3e-7, is pure noise that
     adds up over many such directions.  Eigenvalues under that error bound are therefore zeroed
-    (the rank decision ``numpy.linalg.matrix_rank`` makes)."""
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    tol = s.shape[0] * np.finfo(np.float64).eps * max(float(w.max(initial=0.0)), 0.0)
-    return np.where(w > tol, w, 0.0), v
+    (the rank decision ``numpy.linalg.matrix_rank`` makes), matrix by matrix."""
+    w, v = np.linalg.eigh((s + np.swapaxes(s, -1, -2)) / 2)
+    top = np.maximum(w.max(axis=-1, initial=0.0), 0.0)
+    tol = s.shape[-1] * np.finfo(np.float64).eps * top
+    return np.where(w > tol[..., None], w, 0.0), v
 
 
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     w, v = _psd_eigh(s)
-    return (v * np.sqrt(w)) @ v.T
+    return (v * np.sqrt(w)[..., None, :]) @ np.swapaxes(v, -1, -2)
 
 
-def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """``tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1, S_2``.
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float | np.ndarray:
+    """``tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1, S_2`` (or stacks ``(..., D, D)`` of them,
+    broadcast against each other; then an array of traces).
 
     The eigenvalues of ``S_1^{1/2} S_2 S_1^{1/2} = A^T A`` with ``A = S_2^{1/2} S_1^{1/2}`` are the
     squared singular values of ``A``, so the trace is the sum of the singular values of ``A``
@@ -61,7 +64,21 @@ def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     of the eigenvalues of ``A^T A`` instead would turn the error ``eps ||A||^2`` of a small
     eigenvalue ``lambda`` into ``eps ||A||^2 / (2 sqrt(lambda))``."""
     a = _psd_sqrt(_np64(s2)) @ _psd_sqrt(_np64(s1))
-    return float(np.linalg.svd(a, compute_uv=False).sum())
+    t = np.linalg.svd(a, compute_uv=False).sum(axis=-1)
+    return float(t) if np.ndim(t) == 0 else t
+
+
+def frechet_distances(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """Fréchet distances between stacks of Gaussians: means ``(..., D)``, covariances
+    ``(..., D, D)``, broadcast against each other (e.g. many bootstrap fits against one
+    reference); an array of distances."""
+    mu1, mu2, s1, s2 = _np64(mu1), _np64(mu2), _np64(s1), _np64(s2)
+    d = mu1.shape[-1]
+    if mu2.shape[-1] != d or s1.shape[-2:] != (d, d) or s2.shape[-2:] != (d, d):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    diff = mu1 - mu2
+    tr = np.trace(s1, axis1=-2, axis2=-1) + np.trace(s2, axis1=-2, axis2=-1)
+    return np.maximum(np.sum(diff * diff, axis=-1) + tr - 2 * np.asarray(trace_sqrt_product(s1, s2)), 0.0)
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
@@ -69,8 +86,7 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     mu1, mu2, s1, s2 = _np64(mu1), _np64(mu2), _np64(s1), _np64(s2)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0], mu1.shape[0]):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2), 0.0))
+    return float(frechet_distances(mu1, s1, mu2, s2))
 
 
 def frechet_distance_from_features(f1: np.ndarray | torch.Tensor, f2: np.ndarray | torch.Tensor) -> float:

@@ -5,7 +5,9 @@ It has the real file's interface, which is all fewstep and clean-fid touch:
 
 * ``module(images, return_features=True)``: float images (B, 3, H, W) in [0, 255] at any size,
   resized inside to 299x299 and normalised to ``(x - 128) / 128``, to (B, 2048) features (clean-fid's
-  ``legacy_tensorflow`` mode);
+  ``legacy_tensorflow`` mode); without ``return_features`` the 1008 class probabilities, the
+  softmax of ``module.output`` applied to the features (``no_output_bias=True``: its weight only,
+  how StyleGAN2-ADA calls the real file for the Inception Score);
 * ``module.layers.forward(x)``: normalised (B, 3, 299, 299) input to (B, 2048, 1, 1) (clean mode).
 
 Its features are random projections of two strided convolutions: meaningless as a quality measure,
@@ -43,14 +45,16 @@ class _InceptionStandin(nn.Module):
         self.layers = _Layers()
         self.output = nn.Linear(2048, 1008)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
         x = img.to(torch.float32)
         if x.shape[2] != 299 or x.shape[3] != 299:
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         features = self.layers.forward((x - 128) / 128).reshape(-1, 2048)
         if return_features:
             return features
-        return F.softmax(self.output(features), dim=1)
+        logits = F.linear(features, self.output.weight) if no_output_bias else self.output(features)
+        return F.softmax(logits, dim=1)
 
 
 def build_inception_standin(seed: int = 0) -> torch.jit.ScriptModule:
