@@ -226,3 +226,66 @@ def test_a_checkpoint_with_other_networks_is_refused(tmp_path, digits_mixture, d
     with pytest.raises(ValueError, match="trainable networks"):
         Distiller(SCM(adaptive_weighting=False), MixtureData(digits_mixture), digits_mixture.denoiser(ddpm_schedule),
                   MLPNet(dim=64, timestep_scale=1e-3), prediction_type="v_prediction", schedule=ddpm_schedule, config=cfg2).train()
+
+
+# -- CLI and example -------------------------------------------------------------------------------------
+
+
+def test_fewstep_distill_rcm_on_the_embedded_digits_teacher(tmp_path, one_thread, capsys):
+    """`fewstep distill --objective rcm` with no model arguments: trains the digits UNet's copy with
+    its fake score (3 steps here), saves a student recording "scm", prints the probe table."""
+    from fewstep.cli import main
+
+    code = main(["distill", "--objective", "rcm", "--steps", "3", "--tangent-warmup", "1", "--batch-size", "4",
+                 "--probe-samples", "8", "--validate-every", "0", "--out", str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "student (rcm, scm)" in out.out
+    assert json.loads((tmp_path / "run" / "student" / "fewstep_student.json").read_text())["sampler"] == "scm"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "cd", "--tangent-warmup", "5"], "--tangent-warmup applies to --objective scm | rcm only"),
+    (["--objective", "scm", "--dmd-weight", "2"], "--dmd-weight applies to --objective rcm only"),
+    (["--objective", "scm", "--num-intervals", "4"], "--num-intervals does not apply to --objective scm"),
+])
+def test_fewstep_distill_refuses_options_of_other_objectives(tmp_path, capsys, argv, message):
+    from fewstep.cli import main
+
+    assert main(["distill", *argv, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_example_distils_rcm_from_a_pipeline_folder_under_accelerate_launch(tmp_path):
+    """examples/distill_diffusers_checkpoint.py --objective rcm under `accelerate launch` with two
+    CPU processes (DDP over the student, the log-variance head and the UNet fake score)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(0)
+    DDPMPipeline(unet=_tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(images / f"{i}.png")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port),
+           str(root / "examples/distill_diffusers_checkpoint.py"), str(tmp_path / "pipe"), "--data", str(images), "--objective", "rcm",
+           "--tangent-warmup", "1", "--steps", "3", "--batch-size", "4", "--cpu", "--out", str(tmp_path / "run")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "student (scm) saved" in r.stdout
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-0000003" / "fewstep_state.json").read_text())
+    assert state["networks"] == ["fake_score", "logvar"] and state["objective"] == "rcm"

@@ -32,6 +32,9 @@ __all__ = ["add_distill_parser", "cmd_distill", "DIGITS_DEFAULTS"]
 DIGITS_DEFAULTS: dict[str, Any] = {
     "objective": "cd",
     "steps": 1500,
+    # sCM / rCM steps cost about 1.7x CD's on the CPU (the JVP; rCM's fake score): 1000 keeps the
+    # default run under 15 minutes (benchmarks/RESULTS.md, "Continuous-time consistency")
+    "continuous_steps": 1000,
     "batch_size": 64,
     "lr": 5e-4,
     "num_intervals": 18,
@@ -62,7 +65,8 @@ def add_distill_parser(sub: Any) -> None:
                    help="training data: .pt/.npy tensor (N, C, H, W) in [-1, 1], .pt dict, a folder of images, a folder of "
                    "image-caption pairs (name.png + name.txt) or of webdataset .tar shards (with a text-to-image --teacher), "
                    "or a folder of latent shards written by --precompute")
-    d.add_argument("--steps", type=check.positive_int, default=None, help=f"training steps (default: {DIGITS_DEFAULTS['steps']})")
+    d.add_argument("--steps", type=check.positive_int, default=None,
+                   help=f"training steps (default: {DIGITS_DEFAULTS['steps']}; scm / rcm: {DIGITS_DEFAULTS['continuous_steps']})")
     d.add_argument("--batch-size", type=check.positive_int, default=None,
                    help=f"global batch, divisible by processes x --grad-accum (default: {DIGITS_DEFAULTS['batch_size']})")
     d.add_argument("--grad-accum", type=check.positive_int, default=1, help="micro-batches per step (default: %(default)s)")
@@ -431,6 +435,8 @@ def _distill_saved(args: argparse.Namespace) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     args.objective = DIGITS_DEFAULTS["objective"] if args.objective is None else args.objective
+    if args.steps is None and args.objective in ("scm", "rcm"):
+        args.steps = DIGITS_DEFAULTS["continuous_steps"]
     _check_distill(args)
     args._on_interrupt = lambda: _distill_saved(args)
     from fewstep._util import atomic_write_json
