@@ -28,6 +28,7 @@ schedule quantity is computed in float64.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,6 +194,8 @@ class TrigFlowNetwork:
         self.map = TrigFlowMap(denoiser.schedule, sigma_data)
         self.sigma_data = float(sigma_data)
         self.timestep_scale = float(getattr(denoiser, "timestep_scale", 1.0))
+        #: why ``method="jvp"`` fell back to finite differences (None: it did not)
+        self.fallback_reason: str | None = None
 
     # -- coefficients (float64, CPU) ----------------------------------------------------------
     def coefficients(self, t: torch.Tensor) -> _Coefficients:
@@ -249,10 +252,18 @@ class TrigFlowNetwork:
         with tangent ``(v / c + x_t d(1/c), dtau)`` at its inputs, the chain rule through the
         scalar coefficients done exactly (sCM sec. 5.1 computes ``cos t sin t dF/dt`` the same way,
         by one JVP).  ``method="fd"``: the central difference ``(F(x + h v, t + h dt) - F(x - h v,
-        t - h dt)) / 2h`` (``h = fd_step``), for networks whose kernels have no forward-mode rule."""
+        t - h dt)) / 2h`` (``h = fd_step``), for networks whose kernels have no forward-mode rule.
+
+        *Fallback*: when ``torch.func.jvp`` raises through the network but the plain forward on the
+        same inputs runs, the failure is the forward-mode rule of some kernel (torch 2.6's
+        ``group_norm`` fails so inside diffusers' UNets); a ``RuntimeWarning`` names it once and
+        this network uses ``fd`` from then on (:attr:`fallback_reason`).  A failure of the plain
+        forward is raised as it is."""
         if method not in JVP_METHODS:
             raise ValueError(f"method must be one of {', '.join(JVP_METHODS)}, got {method!r}")
         tt, dtt = _f64(t), _f64(dt)
+        if method == "jvp" and self.fallback_reason is not None:
+            method = "fd"
         with torch.no_grad():
             if method == "fd":
                 h = float(fd_step)
@@ -267,8 +278,18 @@ class TrigFlowNetwork:
             dx_s = v * _per_sample(co.inv_c, x_t) + x_t * _per_sample(d.inv_c * dtt, x_t)
             tau = co.tau.to(x_t.device, _time_dtype(x_t))
             dtau = (d.tau * dtt).to(x_t.device, _time_dtype(x_t))
-            with forward_ad_attention():
-                out, dout = torch.func.jvp(lambda a, b: self.raw(a, b, cond), (x_s, tau), (dx_s, dtau))
+            try:
+                with forward_ad_attention():
+                    out, dout = torch.func.jvp(lambda a, b: self.raw(a, b, cond), (x_s, tau), (dx_s, dtau))
+            except (NotImplementedError, RuntimeError) as err:
+                self.raw(x_s, tau, cond)  # a plain-forward failure is raised here, as it is
+                self.fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                warnings.warn(
+                    f"torch.func.jvp cannot run through {type(self.denoiser.model).__name__} ({self.fallback_reason}); the sCM "
+                    f"tangent falls back to central finite differences (fd_step={fd_step}) for this network",
+                    RuntimeWarning, stacklevel=2,
+                )
+                return self.tangent(x_t, t, v, dt, method="fd", fd_step=fd_step, **cond)
             p, q = _per_sample(co.p, x_t), _per_sample(co.q, x_t)
             f = p * x_t + q * out
             df = _per_sample(d.p * dtt, x_t) * x_t + p * v + _per_sample(d.q * dtt, x_t) * out + q * dout

@@ -164,7 +164,15 @@ def test_jvp_equals_central_difference_through_a_diffusers_network(kind, ddpm_sc
         return float((df - ref).norm() / ref.norm()), df
 
     still = torch.zeros(3, dtype=torch.float64)
+    if kind == "unet" and torch.__version__ < "2.7":
+        # torch 2.6's forward-mode group_norm fails inside UNet2DModel ("view size is not compatible"):
+        # the tangent falls back to the central difference with a warning, and says why
+        with pytest.warns(RuntimeWarning, match="falls back to central finite differences"):
+            F.tangent(x, t, torch.zeros_like(x), still)
+        assert F.fallback_reason is not None
+        return
     assert rel(still, 1e-4)[0] < 1e-7
+    assert F.fallback_reason is None
     dt = torch.cos(t) * torch.sin(t)
     coarse, (fine, df) = rel(dt, 1e-2)[0], rel(dt, 1e-3)
     assert fine < 5e-3 and coarse > 50 * fine, (coarse, fine)

@@ -18,7 +18,8 @@ flow networks; :class:`fewstep.distill.student.TrigFlowBoundary`).  Per sample:
   ``g = -cos^2(t) (sigma_d F_theta^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF_theta^-/dt)``,
   where ``cos(t) sin(t) dF/dt`` is one ``torch.func.jvp`` through the network along
   ``(cos t sin t dx_t/dt, cos t sin t)`` (:meth:`fewstep.trigflow.TrigFlowNetwork.tangent`;
-  ``jvp="fd"``: a central finite difference instead, for kernels without a forward-mode rule).
+  ``jvp="fd"``: a central finite difference instead, which ``"jvp"`` falls back to, with a
+  warning, for a network some kernel of which has no working forward-mode rule).
   ``r = min(1, step / tangent_warmup)`` is the tangent warm-up (sec. 4.2).
 * **Tangent normalisation** (sec. 4.2): ``g <- g / (||g|| + c)``, ``c = 0.1`` (in float64).
 * **Adaptive weighting** (sec. 4.3): ``L = e^{w_phi(t)} / D ||F_theta - F_theta^- - g||^2 -
@@ -216,13 +217,7 @@ class SCM(ConsistencyObjective):
         """sCM's normalised tangent ``g`` (float32)."""
         cs = torch.cos(t) * torch.sin(t)
         net = self.network(models.target)
-        try:
-            _, dF = net.tangent(x_t, t, _col(cs, x_t) * dxdt, cs, method=self.jvp, fd_step=self.fd_step, **cond)
-        except NotImplementedError as err:
-            raise ValueError(
-                f"torch.func.jvp cannot run through the student ({str(err).splitlines()[0]}): a kernel has no forward-mode "
-                "rule; use attention='sdpa' (xformers has none), or SCM(jvp='fd') for the finite-difference tangent"
-            ) from None
+        _, dF = net.tangent(x_t, t, _col(cs, x_t) * dxdt, cs, method=self.jvp, fd_step=self.fd_step, **cond)
         cos, sin = _col(torch.cos(t), x_t), _col(torch.sin(t), x_t)
         r = self.warmup_ratio(step)
         sd = self.sigma_data
