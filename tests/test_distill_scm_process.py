@@ -5,16 +5,13 @@ networks as one.  Both use tests/distill_job.py --objective rcm."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from test_distill_process import ENV, JOB, _free_port, _max_diff, _run, _weights
+from test_distill_process import ENV, JOB, _free_port, _max_diff, _run, _weights, kill_after_checkpoint
 
 FILES = ("model.safetensors", "model_1.safetensors", "model_2.safetensors")  # student, fake_score, logvar (sorted names)
 
@@ -26,16 +23,7 @@ def _networks(out: Path, step: int) -> dict[str, dict]:
 
 def test_rcm_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(JOB), str(killed), "--steps", "100000", "--checkpoint-every", "6", "--objective", "rcm"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    ckpts = killed / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts / "checkpoint-0000012").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    proc.stderr.close()
+    ckpts = kill_after_checkpoint(killed, 12, "--checkpoint-every", 6, "--objective", "rcm")
     last = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
     assert last >= 12
     steps = last + 6  # crosses student and fake-score phases (update every 3rd step after a 4-step warm-up)

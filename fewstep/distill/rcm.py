@@ -27,7 +27,6 @@ the teacher), or any network given with its prediction type.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
