@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fewstep, also in the child processes
 
-OBJECTIVES = ("cd", "mcd", "ict", "scm", "rcm")
+OBJECTIVES = ("cd", "mcd", "ict", "scm", "rcm")  # and "scm_fd": sCM with the finite-difference tangent
 
 
 def _objective(name: str, steps: int):
@@ -44,7 +44,8 @@ def _objective(name: str, steps: int):
 
     warm = steps // 3
     return {"cd": lambda: CD(18, teacher_sampler="ddim"), "mcd": lambda: MCD(32, segments=4, teacher_sampler="ddim"),
-            "ict": lambda: ICT(), "scm": lambda: SCM(tangent_warmup=warm), "rcm": lambda: RCM(tangent_warmup=warm)}[name]()
+            "ict": lambda: ICT(), "scm": lambda: SCM(tangent_warmup=warm), "rcm": lambda: RCM(tangent_warmup=warm),
+            "scm_fd": lambda: SCM(tangent_warmup=warm, jvp="fd")}[name]()
 
 
 def _fd_cell(features, samples, mu, sigma, counts) -> dict:

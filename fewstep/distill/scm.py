@@ -160,7 +160,7 @@ class SCM(ConsistencyObjective):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "training": "distillation" if self.needs_teacher else "consistency training",
+            "mode": "distillation" if self.needs_teacher else "consistency training",
             "sigma_data": self.sigma_data,
             "proposal": {"p_mean": self.p_mean, "p_std": self.p_std},
             "tangent_warmup": self.tangent_warmup,
