@@ -45,17 +45,18 @@ def _small_mixture(dim=6):
     return GaussianMixture(torch.tensor([0.6, 0.4], dtype=torch.float64), means, cov)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_scm_loss_is_algorithm_1_transcribed(adaptive):
+@pytest.mark.parametrize("adaptive, distil", [(False, True), (True, True), (True, False)])
+def test_scm_loss_is_algorithm_1_transcribed(adaptive, distil):
     """On the TrigFlow schedule a v-prediction network *is* F (f = cos t x - sin t sigma_d v), so
     Algorithm 1 can be written out directly: t = arctan(e^tau / sigma_d), x_t, the teacher's
     velocity, cos t sin t dF/dt by torch.func.jvp of the bare network, g with warm-up r = 0.3 and
     normalisation, e^w / D ||F - sg(F) - g||^2 - w.  fewstep's loss (through the schedule maps and
-    the coefficient chain rule) equals it to 1e-5 relative."""
+    the coefficient chain rule) equals it to 1e-5 relative.  Without a teacher (consistency
+    training) the velocity is cos t z - sin t x_0 and the proposal N(-1.0, 1.4^2)."""
     sch, sd = TrigFlow(0.5), 0.5
     gm = _small_mixture()
     teacher = gm.denoiser(sch)
-    obj = SCM(tangent_warmup=10, adaptive_weighting=adaptive)
+    obj = SCM(tangent_warmup=10, adaptive_weighting=adaptive, teacher=distil)
     obj.bind(sch, (6,), 100)
     net = SmoothNet()
     st = ConsistencyStudent(net, sch, "v_prediction", obj.boundary())
@@ -68,12 +69,13 @@ def test_scm_loss_is_algorithm_1_transcribed(adaptive):
 
     gens = sample_generators(5, 3, range(16))
     tau = torch.stack([torch.randn((), generator=g, dtype=torch.float64) for g in gens])
-    t = torch.atan(torch.exp(-0.8 + 1.6 * tau) / sd).clamp(1e-4, math.pi / 2)
+    p_mean, p_std = (-0.8, 1.6) if distil else (-1.0, 1.4)
+    t = torch.atan(torch.exp(p_mean + p_std * tau) / sd).clamp(1e-4, math.pi / 2)
     z = sd * torch.stack([torch.randn((6,), generator=g) for g in gens])
     c, s = torch.cos(t).float()[:, None], torch.sin(t).float()[:, None]
     x_t = c * x0 + s * z
     F = net(x_t, t.float())
-    dxdt = (c * x_t - teacher(x_t, t).float()) / s
+    dxdt = (c * x_t - teacher(x_t, t).float()) / s if distil else c * z - s * x0
     cs = (torch.cos(t) * torch.sin(t)).float()
     _, dF = torch.func.jvp(lambda x, tt: net(x, tt), (x_t, t.float()), (cs[:, None] * dxdt, cs))
     r = 3 / 10
