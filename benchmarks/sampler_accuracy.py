@@ -29,11 +29,24 @@ A second study, in the same run, is the exact mixture in **flow-matching** form 
   (DPM-Solver / UniPC give it ``int(1000 sigma)``);
 * ``same``: fewstep's sampler on the peer's grid.
 
-Usage:  python benchmarks/sampler_accuracy.py [--num-samples 1000] [--nfe 4,5,6,8,10,15,20]
-        [--flow-nfe 4,5,6,8,10] [--no-vp] [--no-flow] [--no-plans]
+Issue 15 adds three studies in the same run:
+
+* ``spacing``: the samplers k-diffusion / ComfyUI users know (and fewstep's multistep ones) on every
+  new spacing that applies to the model (k-diffusion's and ComfyUI's), RMSE as above; the summary
+  says which new combination is best per NFE and its ratio to the best peer;
+* ``sd15``: the published step tables (Align Your Steps SD 1.5 / SDXL, GITS SD 1.5) on the same
+  mixture under Stable Diffusion's schedule (scaled-linear betas 0.00085 to 0.012, the sigma range
+  the tables are for; the data are digits, not SD latents), against karras and the default grid;
+* ``stochastic``: the SDE / ancestral samplers, fewstep's on their default grid and on karras and
+  k-diffusion's own on karras sigmas, by Fréchet distance to exact data samples (10000 of them; the
+  floor is an independent exact set of the same size as the samples), mean and spread over three
+  noise seeds (a stochastic sampler has no ODE solution to compare with).
+
+Usage:  python benchmarks/sampler_accuracy.py [--num-samples 1000] [--nfe 4,5,6,8,10,15,20,30,50]
+        [--flow-nfe 4,5,6,8,10] [--no-vp] [--no-flow] [--no-plans] [--only-new]
         [--png benchmarks/sampler_accuracy.png] [--json PATH]
 Prints one table per study (cells ``RMSE / FD``) and, per NFE, the best fewstep sampler, the best
-peer and the ratio of their RMSEs (below 1: fewstep ahead).
+peer and the ratio of their RMSEs (below 1: fewstep ahead); then the issue-15 studies.
 """
 
 from __future__ import annotations
@@ -55,7 +68,7 @@ from fewstep.eval.frechet import frechet_distance_from_features
 from fewstep.samplers.core import run_program
 from fewstep.samplers.dc_solver import fit_dc_ratios
 
-NFES = (4, 5, 6, 8, 10, 15, 20)
+NFES = (4, 5, 6, 8, 10, 15, 20, 30, 50)
 FLOW_NFES = (4, 5, 6, 8, 10)
 FLOW_SHIFT = 3.0  # SD3's
 
@@ -100,9 +113,10 @@ def _diffusers(study: ExactStudy, sch, nfe: int) -> tuple[torch.Tensor, list[flo
     return x, sch.timesteps.double().tolist()
 
 
-def _k_diffusion(study: ExactStudy, sampler: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _k_diffusion(study: ExactStudy, sampler: str, steps: int, noise: torch.Tensor | None = None,
+                 **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """A k-diffusion sampler on Karras sigmas spanning the schedule, in k-diffusion's variable
-    ``x / alpha`` (sigma = rho = sigma/alpha), from our noise."""
+    ``x / alpha`` (sigma = rho = sigma/alpha), from our noise (or ``noise``)."""
     import k_diffusion.sampling as kd
 
     sch = study.schedule
@@ -112,9 +126,8 @@ def _k_diffusion(study: ExactStudy, sampler: str, steps: int) -> tuple[torch.Ten
     def ve(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return study.model.posterior_mean(x, 1.0, float(sigma.flatten()[0]))
 
-    x = study.noise / sch.alpha(sch.t_max)  # our x_T in x / alpha
-    fn = {"dpmpp_2m": kd.sample_dpmpp_2m, "heun": kd.sample_heun, "lms": kd.sample_lms}[sampler]
-    return fn(ve, x, sigmas, disable=True), sigmas
+    x = (study.noise if noise is None else noise) / sch.alpha(sch.t_max)  # our x_T in x / alpha
+    return getattr(kd, f"sample_{sampler}")(ve, x, sigmas, disable=True, **kw), sigmas
 
 
 def _times_of_sigmas(study: ExactStudy, sigmas: torch.Tensor) -> list[float]:
@@ -122,8 +135,10 @@ def _times_of_sigmas(study: ExactStudy, sigmas: torch.Tensor) -> list[float]:
     return [float(sch.t_from_lambda(-math.log(float(s)))) if s > 0 else sch.t_zero for s in sigmas]
 
 
-def peer_rows(study: ExactStudy, nfe: int) -> list[Row]:
-    """Every peer at this NFE, and the fewstep sampler with identical settings next to it."""
+def peer_rows(study: ExactStudy, nfe: int, config: dict | None = None) -> list[Row]:
+    """Every peer at this NFE, and the fewstep sampler with identical settings next to it
+    (``config``: the diffusers schedule keys of the study's schedule; default DDPM's linear one)."""
+    config = config or {}
     den = study.model.denoiser(study.schedule)
     rows = []
 
@@ -133,11 +148,11 @@ def peer_rows(study: ExactStudy, nfe: int) -> list[Row]:
         rows.append(Row("same", f"{ours} on {name}'s grid", nfe, *_errors(study, mine)))
 
     cases = [
-        ("diffusers DDIM", DDIMScheduler(clip_sample=False), "ddim", {}, -1.0),
-        ("diffusers DPM++ 2M", DPMSolverMultistepScheduler(solver_order=2), "dpmpp_2m", {}, -1.0),
-        ("diffusers DPM++ 3M", DPMSolverMultistepScheduler(solver_order=3), "dpmpp_3m", {"d2_weight": 0.5}, -1.0),
-        ("diffusers DEIS", DEISMultistepScheduler(), "deis_2", {"basis": "log_rho"}, 0.0),  # order 2; ends at timestep 0
-        ("diffusers UniPC", UniPCMultistepScheduler(), "unipc_2", {"lower_order_final": math.inf}, -1.0),  # its final-order rule
+        ("diffusers DDIM", DDIMScheduler(clip_sample=False, **config), "ddim", {}, -1.0),
+        ("diffusers DPM++ 2M", DPMSolverMultistepScheduler(solver_order=2, **config), "dpmpp_2m", {}, -1.0),
+        ("diffusers DPM++ 3M", DPMSolverMultistepScheduler(solver_order=3, **config), "dpmpp_3m", {"d2_weight": 0.5}, -1.0),
+        ("diffusers DEIS", DEISMultistepScheduler(**config), "deis_2", {"basis": "log_rho"}, 0.0),  # order 2; ends at timestep 0
+        ("diffusers UniPC", UniPCMultistepScheduler(**config), "unipc_2", {"lower_order_final": math.inf}, -1.0),  # its final-order rule
     ]
     for name, sch, ours, opts, end in cases:
         out, ts = _diffusers(study, sch, nfe)
@@ -145,15 +160,142 @@ def peer_rows(study: ExactStudy, nfe: int) -> list[Row]:
     # log-SNR spacing: diffusers computes with the lambda-uniform sigmas but feeds the network the
     # rounded timestep, so no fewstep setting is identical; our dpmpp_* with spacing="logsnr" is listed.
     for order in (2, 3):
-        out, _ = _diffusers(study, DPMSolverMultistepScheduler(solver_order=order, use_lu_lambdas=True), nfe)
+        out, _ = _diffusers(study, DPMSolverMultistepScheduler(solver_order=order, use_lu_lambdas=True, **config), nfe)
         rows.append(Row("peer", f"diffusers DPM++ {order}M logSNR", nfe, *_errors(study, out), "network sees rounded timesteps"))
     for name, ours, opts in (("dpmpp_2m", "dpmpp_2m", {}), ("lms", "hb_plms", {"beta": 1.0, "plms_order": 4, "denoise_final": False})):
         out, sigmas = _k_diffusion(study, name, nfe)
         pair(f"k-diffusion {name}", out, ours, _times_of_sigmas(study, sigmas), **opts)
-    if nfe % 2 == 1:  # k-diffusion's Heun to sigma = 0 costs 2n - 1 evaluations
-        out, sigmas = _k_diffusion(study, "heun", (nfe + 1) // 2)
-        pair("k-diffusion heun", out, "heun", _times_of_sigmas(study, sigmas))
+    out, sigmas = _k_diffusion(study, "euler", nfe)
+    pair("k-diffusion euler", out, "euler", _times_of_sigmas(study, sigmas))
+    if nfe % 2 == 1:  # k-diffusion's Heun / DPM-2 to sigma = 0 cost 2n - 1 evaluations
+        for name in ("heun", "dpm_2"):
+            out, sigmas = _k_diffusion(study, name, (nfe + 1) // 2)
+            pair(f"k-diffusion {name}", out, name, _times_of_sigmas(study, sigmas))
     return rows
+
+
+# --- issue 15: samplers x spacings, published tables, stochastic samplers -------------------------
+
+KNOWN = ["euler", "heun", "dpm_2", "lms", "ipndm", "ipndm_v", "res_multistep", "gradient_estimation", "dpmpp_2m",
+         "dpmpp_3m", "unipc_3"]
+NEW_SAMPLERS = {"dpm_2", "lms", "ipndm", "ipndm_v", "res_multistep", "gradient_estimation"}
+NEW_SPACINGS = ["karras", "exponential", "kl_optimal", "simple", "normal", "sgm_uniform", "ddim_uniform", "beta",
+                "linear_quadratic"]
+
+
+def spacing_rows(study: ExactStudy, nfe: int, spacings: list[str], group: str) -> list[Row]:
+    """Every known sampler on every spacing (and its default grid); spacings a sampler or budget
+    cannot use here (ComfyUI's ddim_uniform and beta merge or add steps at some counts) are left out."""
+    den = study.model.denoiser(study.schedule)
+    rows = []
+    for name in KNOWN:
+        for sp in [None, *spacings]:
+            try:
+                out = fewstep.sample(den, study.noise, name, nfe, spacing=sp)
+            except ValueError:
+                continue
+            rows.append(Row(group, f"{name} + {sp or 'default'}", nfe, *_errors(study, out)))
+    return rows
+
+
+STOCHASTIC = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde",
+              "res_multistep_ancestral", "er_sde"]
+K_STOCHASTIC = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"]
+SEEDS = (11, 12, 13)
+SD_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+@dataclass
+class FDRow:
+    group: str  # fewstep, k-diffusion
+    name: str
+    nfe: int
+    fd: list[float]  # one per seed
+    note: str = ""
+
+
+def stochastic_rows(study: ExactStudy, nfe: int, data: torch.Tensor) -> list[FDRow]:
+    """FD to exact data samples of every stochastic sampler, three noise seeds each.  k-diffusion's
+    samplers run on Karras sigmas with their own noise (torch's global generator, seeded; a seeded
+    Brownian tree for its SDE samplers); two-evaluation ones take ``n = (nfe + 1) // 2`` steps,
+    ``2n - 1 <= nfe`` evaluations, fewstep's use exactly ``nfe``."""
+    import k_diffusion.sampling as kd
+
+    den = study.model.denoiser(study.schedule)
+    rows = []
+    for name in STOCHASTIC:
+        for sp in (None, "karras"):
+            fds = []
+            for seed in SEEDS:
+                noise = torch.randn(study.noise.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                out = fewstep.sample(den, noise, name, nfe, spacing=sp, generator=torch.Generator().manual_seed(seed + 100))
+                fds.append(frechet_distance_from_features(out, data) if bool(torch.isfinite(out).all()) else math.inf)
+            rows.append(FDRow("fewstep", f"{name} + {sp or 'default'}", nfe, fds))
+    for name in K_STOCHASTIC:
+        two = fewstep.spec(name).evals_per_step == 2
+        steps = (nfe + 1) // 2 if two else nfe
+        fds = []
+        for seed in SEEDS:
+            noise = torch.randn(study.noise.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            kw = {}
+            torch.manual_seed(seed + 100)
+            if name in ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"):
+                sch = study.schedule
+                lo, hi = sch.sigma(sch.t_min) / sch.alpha(sch.t_min), sch.sigma(sch.t_max) / sch.alpha(sch.t_max)
+                ns = kd.BrownianTreeNoiseSampler(noise, lo * (1 - 1e-6), hi * (1 + 1e-6), seed=seed + 100)
+                kw["noise_sampler"] = ns
+            out, _ = _k_diffusion(study, name, steps, noise=noise, **kw)
+            fds.append(frechet_distance_from_features(out, data) if bool(torch.isfinite(out).all()) else math.inf)
+        rows.append(FDRow("k-diffusion", f"k-diffusion {name} (karras)", nfe, fds, f"{2 * steps - 1 if two else steps} NFE"))
+    return rows
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
+def _spread(v: list[float]) -> float:
+    return max(v) - min(v)
+
+
+def fd_table(rows: list[FDRow], nfes: tuple[int, ...]) -> str:
+    by = {(r.name, r.nfe): r for r in rows}
+    names = list(dict.fromkeys(r.name for r in rows))
+    lines = ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    for n in names:
+        cells = []
+        for k in nfes:
+            r = by.get((n, k))
+            cells.append("–" if r is None else f"{_mean(r.fd):.3g} ± {_spread(r.fd) / 2:.2g}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fd_summary(rows: list[FDRow], nfes: tuple[int, ...], floor: float) -> str:
+    lines = [f"| NFE | best fewstep | FD (mean of 3 seeds; range) | best k-diffusion | FD | ratio | seed range overlaps |",
+             "|---:|---|---:|---|---:|---:|---|"]
+    for n in nfes:
+        ours = [r for r in rows if r.group == "fewstep" and r.nfe == n]
+        peers = [r for r in rows if r.group == "k-diffusion" and r.nfe == n]
+        a, b = min(ours, key=lambda r: _mean(r.fd)), min(peers, key=lambda r: _mean(r.fd))
+        overlap = max(a.fd) >= min(b.fd)
+        lines.append(f"| {n} | {a.name} | {_mean(a.fd):.3g} ({min(a.fd):.3g}-{max(a.fd):.3g}) | {b.name} | "
+                     f"{_mean(b.fd):.3g} ({min(b.fd):.3g}-{max(b.fd):.3g}) | {_mean(a.fd) / _mean(b.fd):.2f} | {'yes' if overlap else 'no'} |")
+    return "\n".join(lines) + f"\n\nFD floor (an independent exact sample of the same size): {floor:.3g}"
+
+
+def new_summary(rows: list[Row], nfes: tuple[int, ...], group: str) -> str:
+    """Per NFE: the best combination with a new sampler or a new spacing, the best peer, the ratio."""
+    lines = ["| NFE | best new combination | RMSE | best peer | RMSE | ratio |", "|---:|---|---:|---|---:|---:|"]
+    for n in nfes:
+        new = [r for r in rows if r.group == group and r.nfe == n and math.isfinite(r.rmse)
+               and (r.name.split(" + ")[0] in NEW_SAMPLERS or r.name.split(" + ")[1] not in ("default", "karras"))]
+        peers = [r for r in rows if r.group == "peer" and r.nfe == n and math.isfinite(r.rmse)]
+        if not new or not peers:
+            continue
+        a, b = min(new, key=lambda r: r.rmse), min(peers, key=lambda r: r.rmse)
+        lines.append(f"| {n} | {a.name} | {a.rmse:.4f} | {b.name} | {b.rmse:.4f} | {a.rmse / b.rmse:.2f} |")
+    return "\n".join(lines)
 
 
 # --- fewstep ----------------------------------------------------------------------------------------
@@ -339,30 +481,66 @@ def _report(title: str, rows: list[Row], nfes: tuple[int, ...]) -> None:
         print("\n" + "\n".join(notes))
 
 
+def _issue15_report(rows: list[Row], sd_rows: list[Row], fd_rows: list[FDRow], nfes: tuple[int, ...], fd_floor: float) -> None:
+    print("\n## Issue 15: known samplers on every spacing (RMSE / FD; DDPM linear schedule)\n")
+    print(table(rows, nfes))
+    print()
+    print(new_summary(rows, nfes, "spacing"))
+    print("\n## Issue 15: published step tables on Stable Diffusion's schedule (same mixture)\n")
+    print(table(sd_rows, nfes))
+    print()
+    print(new_summary(sd_rows, nfes, "sd15"))
+    print("\n## Issue 15: stochastic samplers, FD to 10000 exact data samples (mean ± half the range over 3 seeds)\n")
+    print(fd_table(fd_rows, nfes))
+    print()
+    print(fd_summary(fd_rows, nfes, fd_floor))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--nfe", default=",".join(map(str, NFES)))
     p.add_argument("--flow-nfe", default=",".join(map(str, FLOW_NFES)))
-    p.add_argument("--no-vp", action="store_true", help="skip the VP (DDPM schedule) study")
+    p.add_argument("--no-vp", action="store_true", help="skip the VP (DDPM schedule) studies")
     p.add_argument("--no-flow", action="store_true", help="skip the flow-matching study")
     p.add_argument("--no-plans", action="store_true", help="skip the tuned plans of the flow study")
+    p.add_argument("--only-new", action="store_true", help="of the VP studies, only the issue-15 ones (and the peers they compare with)")
     p.add_argument("--png", default="benchmarks/sampler_accuracy.png")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     nfes = tuple(int(v) for v in args.nfe.split(","))
     flow_nfes = tuple(int(v) for v in args.flow_nfe.split(","))
     t0 = time.perf_counter()
+    torch.set_num_threads(1)  # small tensors: threads only add contention on a shared machine
     rows: list[Row] = []
+    sd_rows: list[Row] = []
+    fd_rows: list[FDRow] = []
     flow_rows: list[Row] = []
     fit_noise = torch.randn(16, 64, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
     if not args.no_vp:
+        from fewstep.schedules import VPDiscrete, diffusers_betas
+
         study = ExactStudy.make(num_samples=args.num_samples, seed=0)
+        sd = ExactStudy.make(schedule=VPDiscrete.from_betas(diffusers_betas(**SD_CONFIG)),
+                             num_samples=args.num_samples, seed=0)
+        data = study.model.sample(10000, generator=torch.Generator().manual_seed(99))
+        fd_floor = frechet_distance_from_features(study.model.sample(args.num_samples, generator=torch.Generator().manual_seed(98)), data)
         for n in nfes:
-            rows += fewstep_rows(study, n, fit_noise) + peer_rows(study, n)
+            if not args.only_new:
+                rows += fewstep_rows(study, n, fit_noise)
+            rows += peer_rows(study, n) + spacing_rows(study, n, NEW_SPACINGS, "spacing")
+            sd_rows += spacing_rows(sd, n, ["karras", "ays_sd15", "ays_sdxl", "gits_sd15"], "sd15") + [
+                r for r in peer_rows(sd, n, SD_CONFIG) if r.group == "peer"]
+            fd_rows += stochastic_rows(study, n, data)
             print(f"VP NFE {n} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-        _report("VP (DDPM linear schedule)", rows, nfes)
-        plot(rows, args.png, study.fd_floor)
+        base = [r for r in rows if r.group != "spacing"]
+        if args.only_new:
+            print()
+            print(table(base, nfes))
+        else:
+            _report("VP (DDPM linear schedule)", base, nfes)
+        _issue15_report([r for r in rows if r.group == "spacing"], sd_rows, fd_rows, nfes, fd_floor)
+        plot(base, args.png, study.fd_floor)
         print(f"\nVP: {args.num_samples} samples, FD sampling floor {study.fd_floor:.3g}; wrote {args.png}")
     if not args.no_flow:
         fstudy = flow_study(args.num_samples)
@@ -374,7 +552,8 @@ def main() -> None:
     print(f"\n{time.perf_counter() - t0:.0f} s on {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"vp": [asdict(r) for r in rows], "flow": [asdict(r) for r in flow_rows]}, f, indent=1)
+            json.dump({"vp": [asdict(r) for r in rows], "sd15": [asdict(r) for r in sd_rows],
+                       "fd": [asdict(r) for r in fd_rows], "flow": [asdict(r) for r in flow_rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

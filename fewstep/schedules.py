@@ -720,7 +720,25 @@ def from_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
 # Time grids
 # ---------------------------------------------------------------------------------------------
 
-SPACINGS = ("time_uniform", "time_quadratic", "logsnr", "karras", "shifted", "linspace", "leading", "trailing")
+SPACINGS = (
+    "time_uniform", "time_quadratic", "logsnr", "karras", "shifted", "linspace", "leading", "trailing",
+    # k-diffusion's sigma spacings
+    "exponential", "polyexponential", "vp",
+    # ComfyUI's schedulers on the model's sigma table
+    "simple", "normal", "sgm_uniform", "ddim_uniform", "beta", "linear_quadratic", "kl_optimal",
+    # published optimised tables (fewstep/step_tables.py)
+    "ays_sd15", "ays_sdxl", "ays_svd", "gits_sd15",
+)
+
+# Parameters of the spacings that take any, with their defaults (k-diffusion's / ComfyUI's).  Pass
+# others as a mapping: ``spacing={"name": "beta", "alpha": 0.5, "beta": 0.7}``.
+SPACING_PARAMS: dict[str, dict[str, Any]] = {
+    "karras": {"rho": 7.0},
+    "polyexponential": {"rho": 1.0},
+    "vp": {"beta_d": 19.9, "beta_min": 0.1, "eps_s": 1e-3},
+    "beta": {"alpha": 0.6, "beta": 0.6},
+    "linear_quadratic": {"threshold_noise": 0.025, "linear_steps": None},
+}
 
 
 class GridRule:
@@ -746,7 +764,31 @@ class GridRule:
         return f"GridRule({self.name!r}, end_time={self.end_time})"
 
 
-Spacing = Union[str, Sequence[float], torch.Tensor, np.ndarray, GridRule]
+Spacing = Union[str, Mapping[str, Any], Sequence[float], torch.Tensor, np.ndarray, GridRule]
+
+
+def is_explicit_grid(spacing: Spacing) -> bool:
+    """Whether ``spacing`` is a list of times (not a spacing name, a ``{"name": ...}`` mapping or a
+    :class:`GridRule`)."""
+    return not isinstance(spacing, (str, Mapping, GridRule))
+
+
+def k_sigma(schedule: NoiseSchedule, t: TimeLike) -> TimeLike:
+    """The noise level k-diffusion, ComfyUI and A1111 call ``sigma`` for a model of this schedule:
+    ``sigma / alpha = exp(-lambda)`` for VP schedules (their samplers run VP models in the
+    variance-exploding form ``x / alpha``), the time itself for EDM (``t = sigma``) and for flow
+    matching (ComfyUI's ``CONST`` models use ``sigma = t``)."""
+    if schedule.kind in ("ve", "flow"):
+        return _back(_as64(t), t)
+    return _back(torch.exp(-schedule._lambda(_as64(t))), t)
+
+
+def time_of_k_sigma(schedule: NoiseSchedule, ks: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`k_sigma` (float64 tensor in, float64 tensor out)."""
+    ks = torch.as_tensor(ks, dtype=torch.float64)
+    if schedule.kind in ("ve", "flow"):
+        return ks.clone()
+    return schedule._t_from_lambda(-torch.log(ks))
 
 
 def default_spacing(schedule: NoiseSchedule) -> str:
@@ -781,29 +823,47 @@ def time_grid(
     *,
     end: Literal["zero", "min"] = "zero",
     t_start: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     steps_offset: int = 0,
 ) -> torch.Tensor:
     """A strictly decreasing float64 grid of ``num_steps + 1`` times from ``t_start`` (default
-    ``t_max``) to the end (``t_zero`` for ``end="zero"``, ``t_min`` for ``end="min"``).
+    ``t_max``) to the end (``t_zero`` for ``end="zero"``, ``t_min`` for ``end="min"``): a pure
+    function of the schedule and the step count.
 
-    Spacings:
+    Spacings (``sigma`` below is the k-diffusion noise level :func:`k_sigma`: ``sigma/alpha`` for VP,
+    the time for EDM and flow):
 
     * ``"time_uniform"``: uniform in ``t`` on ``[t_start, t_min]``.
     * ``"time_quadratic"``: uniform in ``sqrt(t - t_min)`` (DPM-Solver's ``time_quadratic``).
     * ``"logsnr"``: uniform half log-SNR ``lambda`` (DPM-Solver, Lu et al. 2022, sec. 3.3).
-    * ``"karras"``: ``sigma/alpha`` uniform in its ``1/rho`` power (EDM, Karras et al. 2022, eq. 5).
+    * ``"karras"``: ``sigma`` uniform in its ``1/rho`` power (EDM, Karras et al. 2022, eq. 5; rho = 7).
+    * ``"exponential"`` / ``"polyexponential"``: ``log sigma`` uniform / uniform in ``ramp**rho``
+      (k-diffusion's ``get_sigmas_exponential`` / ``get_sigmas_polyexponential``, rho = 1).
+    * ``"vp"``: k-diffusion's ``get_sigmas_vp``, the sigmas of the continuous VP-linear SDE at
+      uniform times from 1 to ``eps_s`` (beta_d = 19.9, beta_min = 0.1, eps_s = 1e-3); they must lie
+      in the schedule's range.
+    * ``"kl_optimal"``: ``atan sigma`` uniform (Sabour et al. 2024, AYS, the schedule that is
+      KL-optimal for Gaussian data; ComfyUI's / A1111's ``kl_optimal``).
+    * ComfyUI's schedulers on the model's discrete sigma table (see :func:`_comfy_table`):
+      ``"simple"``, ``"normal"``, ``"sgm_uniform"``, ``"ddim_uniform"``, ``"beta"`` (Lee et al. 2024,
+      "Beta sampling is all you need", alpha = beta = 0.6), ``"linear_quadratic"`` (Genmo's Mochi
+      schedule, threshold_noise 0.025).  These end on clean data (``end="zero"``) from ``t_max``.
+    * ``"ays_sd15"``, ``"ays_sdxl"``, ``"ays_svd"``, ``"gits_sd15"``: the published optimised tables
+      (:mod:`fewstep.step_tables`), log-linearly interpolated to other step counts; they apply to
+      schedules whose sigma range is the table's (SD 1.5 / SDXL: 14.61 to 0.0292, SVD: 700 to 0.002).
     * ``"shifted"``: uniform time warped by a flow schedule's resolution shift (SD3).
     * ``"linspace"`` / ``"leading"`` / ``"trailing"``: diffusers' integer timesteps for discrete
       schedules (as in ``DPMSolverMultistepScheduler``; Lin et al. 2024, Table 2).
+    * a mapping ``{"name": ..., **parameters}``: a spacing with other parameters (``SPACING_PARAMS``).
     * a sequence of ``num_steps + 1`` decreasing times: used as given.
     * a :class:`GridRule`: its times for ``num_steps`` steps (``end`` and ``t_start`` are the rule's).
 
-    For ``logsnr``, ``karras`` and the diffusers spacings with ``end="zero"``, the first
-    ``num_steps`` points span ``[t_start, t_min]`` and the grid finishes with a jump to
-    ``t_zero`` (the k-diffusion / diffusers convention).  The time spacings place ``num_steps + 1``
-    points on ``[t_start, t_min]`` and move the last one to the end, so every evaluation time is a
-    time the network was trained on and no evaluation is spent at ``t_min``.
+    For the sigma spacings and ``logsnr`` with ``end="zero"``, the first ``num_steps`` points span
+    ``[t_start, t_min]`` and the grid finishes with a jump to ``t_zero`` (the k-diffusion / diffusers
+    convention).  The time spacings place ``num_steps + 1`` points on ``[t_start, t_min]`` and move
+    the last one to the end, so every evaluation time is a time the network was trained on and no
+    evaluation is spent at ``t_min``.  A spacing whose rule cannot give ``num_steps`` steps here
+    (ComfyUI's ``ddim_uniform`` and ``beta`` merge or add steps at some counts) is a ``ValueError``.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -816,7 +876,7 @@ def time_grid(
         grid = spacing(n)
         _validate_grid(schedule, grid)
         return grid
-    if not isinstance(spacing, str):
+    if is_explicit_grid(spacing):
         if isinstance(spacing, torch.Tensor):
             grid = spacing.detach().cpu().to(torch.float64).flatten()
         else:
@@ -826,18 +886,14 @@ def time_grid(
         _validate_grid(schedule, grid)
         return grid
 
-    if spacing not in SPACINGS:
-        from fewstep._util import close_matches
-
-        raise ValueError(f"unknown spacing {spacing!r}{close_matches(spacing, SPACINGS)}; choose from {', '.join(SPACINGS)} or pass a list of times")
-
-    if spacing in ("time_uniform", "time_quadratic", "shifted"):
+    name, params = _spacing_params(spacing, rho)
+    if name in ("time_uniform", "time_quadratic", "shifted"):
         # Spaced on [t_start, t_min], so no interior time falls below what the network was trained
         # on; the last point is then moved to the end (clean data for end="zero").
         lo = schedule.t_min
-        if spacing == "time_uniform":
+        if name == "time_uniform":
             grid = torch.linspace(t_hi, lo, n + 1, dtype=torch.float64)
-        elif spacing == "time_quadratic":
+        elif name == "time_quadratic":
             grid = lo + torch.linspace(math.sqrt(t_hi - lo), 0.0, n + 1, dtype=torch.float64) ** 2
         else:
             if not isinstance(schedule, FlowMatching):
@@ -845,35 +901,271 @@ def time_grid(
             # uniform in the unshifted time, mapped through the shift: the endpoints stay put
             grid = schedule.shift_time(torch.linspace(schedule.unshift_time(t_hi), schedule.unshift_time(lo), n + 1, dtype=torch.float64))
         grid[0], grid[-1] = t_hi, t_end
-    elif spacing in ("logsnr", "karras"):
+    elif name == "logsnr":
         lam_hi, lam_lo = schedule.lambda_(t_hi), schedule.lambda_(schedule.t_min)
-        if not math.isfinite(lam_hi):
-            raise ValueError(
-                f"spacing={spacing!r} needs a finite log-SNR at the start, but the schedule has zero SNR at t={t_hi}; "
-                "use spacing='time_uniform' or 'trailing' (zero-terminal-SNR models start from pure noise)"
-            )
-        m = n if end == "zero" else n + 1
-        if spacing == "logsnr":
-            lam = torch.linspace(lam_hi, lam_lo, m, dtype=torch.float64)
-        else:
-            s_hi, s_lo = math.exp(-lam_hi), math.exp(-lam_lo)  # sigma / alpha
-            ramp = torch.linspace(0, 1, m, dtype=torch.float64)
-            s = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
-            lam = -torch.log(s)
-        grid = schedule._t_from_lambda(lam)
-        grid[0] = t_hi
-        if end == "zero":
-            grid = torch.cat([grid, torch.tensor([schedule.t_zero], dtype=torch.float64)])
-        else:
-            grid[-1] = schedule.t_min
+        _check_finite_start(schedule, name, t_hi, lam_hi)
+        grid = schedule._t_from_lambda(torch.linspace(lam_hi, lam_lo, n if end == "zero" else n + 1, dtype=torch.float64))
+        grid = _finish(schedule, grid, t_hi, end)
+    elif name in _SIGMA_FORMULAS:
+        ks_hi, ks_lo = float(k_sigma(schedule, t_hi)), float(k_sigma(schedule, schedule.t_min))
+        _check_finite_start(schedule, name, t_hi, -math.log(ks_hi) if ks_hi > 0 else math.inf)
+        ks = _SIGMA_FORMULAS[name](n if end == "zero" else n + 1, ks_lo, ks_hi, **params)
+        if name == "vp":
+            _check_table_range(schedule, name, ks, t_hi)
+        grid = _finish(schedule, time_of_k_sigma(schedule, ks), t_hi, end, keep_first=name == "vp")
+    elif name in _COMFY_TABLE_SPACINGS:
+        _check_full_run(schedule, name, t_start, end)
+        grid = _comfy_spacing(schedule, n, name, params)
+    elif name.startswith(("ays_", "gits_")):
+        grid = _published_table(schedule, n, name, t_start, end)
     else:
         if t_start is not None and float(t_start) != schedule.t_max:
             raise ValueError(
-                f"spacing={spacing!r} is diffusers' fixed integer spacing from the last training timestep; "
+                f"spacing={name!r} is diffusers' fixed integer spacing from the last training timestep; "
                 "it cannot start at t_start: use 'time_uniform', 'time_quadratic', 'logsnr' or an explicit grid"
             )
-        grid = _diffusers_spacing(schedule, n, spacing, steps_offset, t_end)
+        grid = _diffusers_spacing(schedule, n, name, steps_offset, t_end)
     _validate_grid(schedule, grid)
+    return grid
+
+
+def _spacing_params(spacing: str | Mapping[str, Any], rho: float | None) -> tuple[str, dict[str, Any]]:
+    """The spacing's name and its parameters (defaults from ``SPACING_PARAMS`` updated by a
+    mapping's entries and by ``rho=``); unknown names and parameters are errors."""
+    if isinstance(spacing, Mapping):
+        given = dict(spacing)
+        name = given.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"a spacing mapping needs a 'name' entry naming the spacing, got {dict(spacing)!r}")
+    else:
+        name, given = spacing, {}
+    if name not in SPACINGS:
+        from fewstep._util import close_matches
+
+        raise ValueError(f"unknown spacing {name!r}{close_matches(name, SPACINGS)}; choose from {', '.join(SPACINGS)} or pass a list of times")
+    params = dict(SPACING_PARAMS.get(name, {}))
+    if rho is not None:
+        given.setdefault("rho", rho)
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        raise TypeError(
+            f"spacing {name!r} has no parameter {unknown[0]!r}; "
+            + (f"its parameters are {', '.join(params)}" if params else "it takes none")
+        )
+    params.update(given)
+    return name, params
+
+
+def _check_finite_start(schedule: NoiseSchedule, name: str, t_hi: float, lam_hi: float) -> None:
+    if not math.isfinite(lam_hi):
+        raise ValueError(
+            f"spacing={name!r} needs a finite log-SNR at the start, but the schedule has zero SNR at t={t_hi}; "
+            "use spacing='time_uniform' or 'trailing' (zero-terminal-SNR models start from pure noise)"
+        )
+
+
+def _finish(schedule: NoiseSchedule, grid: torch.Tensor, t_hi: float, end: str, keep_first: bool = False) -> torch.Tensor:
+    """Pin a grid of points on ``[t_start, t_min]`` to its exact ends: the first to ``t_start``, and
+    either a final jump to clean data (``end="zero"``) or the last point to ``t_min``."""
+    grid = grid.clone()
+    if not keep_first:
+        grid[0] = t_hi
+    if end == "zero":
+        return torch.cat([grid, torch.tensor([schedule.t_zero], dtype=torch.float64)])
+    grid[-1] = schedule.t_min
+    return grid
+
+
+def _karras(m: int, lo: float, hi: float, rho: float) -> torch.Tensor:
+    """EDM's sigmas (Karras et al. 2022, eq. 5): ``(hi^(1/rho) + i/(m-1) (lo^(1/rho) - hi^(1/rho)))^rho``."""
+    ramp = torch.linspace(0, 1, m, dtype=torch.float64)
+    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
+def _exponential(m: int, lo: float, hi: float) -> torch.Tensor:
+    """``log sigma`` uniform from ``hi`` to ``lo`` (k-diffusion's ``get_sigmas_exponential``)."""
+    return torch.linspace(math.log(hi), math.log(lo), m, dtype=torch.float64).exp()
+
+
+def _polyexponential(m: int, lo: float, hi: float, rho: float) -> torch.Tensor:
+    """``log sigma = log lo + ramp^rho (log hi - log lo)``, ramp from 1 to 0 (k-diffusion's
+    ``get_sigmas_polyexponential``; rho = 1 is ``exponential``)."""
+    ramp = torch.linspace(1, 0, m, dtype=torch.float64) ** rho
+    return torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo))
+
+
+def _vp_sigmas(m: int, lo: float, hi: float, beta_d: float, beta_min: float, eps_s: float) -> torch.Tensor:
+    """k-diffusion's ``get_sigmas_vp``: ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)`` at
+    ``t`` uniform from 1 to ``eps_s`` (the VP-linear SDE of Song et al. 2021); absolute levels, not
+    scaled to the schedule's range."""
+    t = torch.linspace(1, eps_s, m, dtype=torch.float64)
+    return torch.sqrt(torch.expm1(beta_d * t**2 / 2 + beta_min * t))
+
+
+def _kl_optimal(m: int, lo: float, hi: float) -> torch.Tensor:
+    """``tan`` of ``atan sigma`` uniform from ``hi`` to ``lo`` (the KL-optimal schedule for Gaussian
+    data, Sabour et al. 2024, AYS, sec. 3; AUTOMATIC1111 pull request 15608, ComfyUI's
+    ``kl_optimal``).  One point is ``hi``."""
+    if m == 1:
+        return torch.tensor([hi], dtype=torch.float64)
+    w = torch.arange(m, dtype=torch.float64) / (m - 1)
+    return torch.tan(w * math.atan(lo) + (1 - w) * math.atan(hi))
+
+
+_SIGMA_FORMULAS = {
+    "karras": _karras, "exponential": _exponential, "polyexponential": _polyexponential, "vp": _vp_sigmas,
+    "kl_optimal": _kl_optimal,
+}
+
+
+def _check_table_range(schedule: NoiseSchedule, name: str, ks: torch.Tensor, t_hi: float) -> None:
+    """Absolute sigma levels must lie in the schedule's range ``[sigma(t_min), sigma(t_start)]``."""
+    hi, lo = float(k_sigma(schedule, t_hi)), float(k_sigma(schedule, schedule.t_min))
+    tol = 1e-9 * hi
+    if float(ks.max()) > hi + tol or float(ks.min()) < lo - 1e-9 * lo:
+        raise ValueError(
+            f"spacing={name!r} puts sigma levels from {float(ks.max()):.6g} to {float(ks.min()):.6g}, outside this "
+            f"schedule's range {hi:.6g} to {lo:.6g} (k-diffusion sigma = sigma/alpha for VP, the time for EDM and flow); "
+            "it is meant for another model"
+        )
+
+
+def _check_full_run(schedule: NoiseSchedule, name: str, t_start: float | None, end: str) -> None:
+    if t_start is not None and float(t_start) != schedule.t_max:
+        raise ValueError(f"spacing={name!r} is ComfyUI's schedule of a whole run from t_max; it cannot start at t_start={t_start}")
+    if end != "zero":
+        raise ValueError(f"spacing={name!r} is ComfyUI's schedule, which ends on clean data (sigma = 0); use end='zero'")
+
+
+def _comfy_table(schedule: NoiseSchedule) -> tuple[np.ndarray, Any, Any]:
+    """The model-sampling of ComfyUI (``comfy/model_sampling.py``) for a model of this schedule, in
+    fewstep times: ``(table, timestep, time)`` with ``table`` the increasing times of the model's
+    sigma table, ``timestep(t)`` ComfyUI's ``model_sampling.timestep(sigma)`` and ``time(ts)`` the
+    time of ``model_sampling.sigma(ts)``.
+
+    * ``VPDiscrete`` (ComfyUI's ``ModelSamplingDiscrete``): the table is every training timestep
+      ``0 .. N-1``; ComfyUI's timestep is the index and its ``sigma(ts)`` interpolates ``log sigma``
+      linearly between indices, which is fewstep's time (log-SNR linear between integers).
+    * ``EDM`` (``ModelSamplingContinuousEDM``): 1000 log-uniform sigmas on ``[sigma_min, sigma_max]``;
+      ``timestep = log(sigma) / 4``.
+    * ``FlowMatching`` (``ModelSamplingDiscreteFlow``, SD3): ``t_k = shift(k / N)``, ``k = 1 .. N``;
+      ``timestep = N sigma`` and ``sigma(ts) = shift(ts / N)`` (ComfyUI's two maps are not inverse
+      when ``shift != 1``; both are followed).  ComfyUI's smallest level is ``shift(1 / N)``:
+      build ``FlowMatching(shift, t_min=shift(1/N))`` to match its ``sigma_min`` in the other spacings.
+    """
+    if isinstance(schedule, VPDiscrete):
+        return np.arange(schedule.num_train_timesteps, dtype=np.float64), (lambda t: t), (lambda ts: ts)
+    if isinstance(schedule, EDM):
+        table = np.exp(np.linspace(math.log(schedule.sigma_min), math.log(schedule.sigma_max), 1000))
+        return table, (lambda t: 0.25 * np.log(t)), (lambda ts: np.exp(4.0 * ts))
+    if isinstance(schedule, FlowMatching):
+        n = schedule.num_train_timesteps
+        shift = lambda u: schedule.shift * u / (1 + (schedule.shift - 1) * u)  # noqa: E731
+        return shift(np.arange(1, n + 1, dtype=np.float64) / n), (lambda t: t * n), (lambda ts: shift(ts / n))
+    raise ValueError(
+        f"ComfyUI's schedulers are defined on a model's discrete sigma table, which {type(schedule).__name__} has not; "
+        "use time_uniform (sgm_uniform's rule), time_quadratic, logsnr or karras"
+    )
+
+
+_COMFY_TABLE_SPACINGS = ("simple", "normal", "sgm_uniform", "ddim_uniform", "beta", "linear_quadratic")
+
+
+def _comfy_spacing(schedule: NoiseSchedule, n: int, name: str, params: Mapping[str, Any]) -> torch.Tensor:
+    """ComfyUI's schedulers (``comfy/samplers.py``), written in fewstep times, then clean data."""
+    table, timestep, time = _comfy_table(schedule)
+    big_n = len(table)
+    if name == "simple":  # every (N/n)-th table entry from the top
+        ts = [table[big_n - 1 - int(x * (big_n / n))] for x in range(n)]
+    elif name == "ddim_uniform":  # every (N // n)-th entry from index 1 up
+        ts = list(table[1::max(big_n // n, 1)][::-1])
+    elif name in ("normal", "sgm_uniform"):  # uniform in the model's timestep
+        u = np.linspace(timestep(table[-1]), timestep(table[0]), n + 1 if name == "sgm_uniform" else n)
+        ts = list(time(u[:n]))
+    elif name == "beta":  # Lee et al. 2024: timestep indices at the Beta(alpha, beta) quantiles
+        from scipy import stats
+
+        q = 1 - np.linspace(0, 1, n, endpoint=False)
+        idx = np.rint(stats.beta.ppf(q, params["alpha"], params["beta"]) * (big_n - 1)).astype(int)
+        idx = [int(i) for j, i in enumerate(idx) if j == 0 or i != idx[j - 1]]
+        ts = [table[i] for i in idx]
+    else:
+        ks_max = float(k_sigma(schedule, float(table[-1])))
+        _check_finite_start(schedule, name, float(table[-1]), -math.log(ks_max))
+        ks = _linear_quadratic(n, **params)[:-1] * ks_max
+        lo = float(k_sigma(schedule, float(table[0])))
+        if float(ks.min()) < lo * (1 - 1e-9):
+            raise ValueError(
+                f"linear_quadratic puts its last step at sigma={float(ks.min()):.4g}, below this model's smallest "
+                f"level {lo:.4g}: it is Mochi's schedule for flow models (sigma_max = 1)"
+            )
+        ts = time_of_k_sigma(schedule, ks).tolist()
+    if len(ts) != n:
+        raise ValueError(
+            f"ComfyUI's {name!r} rule gives {len(ts)} steps, not {n}, on this {big_n}-level model table "
+            f"(it {'adds' if len(ts) > n else 'merges'} steps at this count); choose another step count or spacing"
+        )
+    return torch.tensor([*map(float, ts), schedule.t_zero], dtype=torch.float64)
+
+
+def _linear_quadratic(n: int, threshold_noise: float, linear_steps: int | None) -> torch.Tensor:
+    """Genmo's Mochi schedule (genmoai/models, ``linear_quadratic_schedule``), as ComfyUI uses it: the
+    fraction of the largest sigma falls linearly to ``1 - threshold_noise`` over the first
+    ``linear_steps`` (default ``n // 2``) steps, then quadratically to 0; ``n + 1`` values."""
+    if n == 1:
+        return torch.tensor([1.0, 0.0], dtype=torch.float64)
+    ls = n // 2 if linear_steps is None else int(linear_steps)
+    if not 0 < ls < n:
+        raise ValueError(f"linear_quadratic needs 0 < linear_steps < {n} steps, got {ls}")
+    qs = n - ls
+    diff = ls - threshold_noise * n
+    quad = diff / (ls * qs**2)
+    lin = threshold_noise / ls - 2 * diff / qs**2
+    const = quad * ls**2
+    up = [i * threshold_noise / ls for i in range(ls)] + [quad * i * i + lin * i + const for i in range(ls, n)] + [1.0]
+    return 1.0 - torch.tensor(up, dtype=torch.float64)
+
+
+def _loglinear(levels: Sequence[float], m: int) -> np.ndarray:
+    """``m`` levels interpolating ``log sigma`` linearly over the table's positions (the AYS and GITS
+    authors' rule for other step counts); the table itself when it already has ``m``."""
+    levels = np.asarray(levels, dtype=np.float64)
+    if len(levels) == m:
+        return levels.copy()
+    pos = np.linspace(0, 1, len(levels))
+    return np.exp(np.interp(np.linspace(0, 1, m), pos, np.log(levels[::-1])))[::-1].copy()
+
+
+def _published_table(schedule: NoiseSchedule, n: int, name: str, t_start: float | None, end: str) -> torch.Tensor:
+    """A published step table (:mod:`fewstep.step_tables`) on this schedule: ``n + 1`` levels, the
+    last replaced by clean data for ``end="zero"`` (or pinned to ``t_min``)."""
+    from fewstep.step_tables import AYS_SIGMAS, AYS_TIMESTEPS, GITS_SD15
+
+    _check_full_run(schedule, name, t_start, "zero")
+    if name in AYS_TIMESTEPS:
+        if not isinstance(schedule, VPDiscrete) or schedule.num_train_timesteps != 1000:
+            raise ValueError(f"spacing={name!r} is a list of training timesteps of a 1000-step VP model (Stable Diffusion); it does not apply to {schedule!r}")
+        table = [float(k_sigma(schedule, float(t))) for t in AYS_TIMESTEPS[name]]
+        levels = _loglinear(table, n + 1)
+    elif name in AYS_SIGMAS:
+        levels = _loglinear(AYS_SIGMAS[name], n + 1)
+    else:
+        if n < 2:
+            raise ValueError("the GITS tables start at 2 steps")
+        levels = np.asarray(GITS_SD15[n - 2]) if n <= 20 else _loglinear(GITS_SD15[-1], n + 1)
+    sd = name in AYS_TIMESTEPS  # the model's own levels: check it is Stable Diffusion's range
+    ref_hi, ref_lo = (14.6146, 0.029168) if sd else (levels[0], levels[-1])
+    hi, lo = float(k_sigma(schedule, schedule.t_max)), float(k_sigma(schedule, schedule.t_min))
+    if not (math.isclose(ref_hi, hi, rel_tol=1e-2) and math.isclose(ref_lo, lo, rel_tol=1e-2)):
+        raise ValueError(
+            f"spacing={name!r} is a table for models with sigma from {ref_hi:.6g} to {ref_lo:.6g}; this schedule "
+            f"spans {hi:.6g} to {lo:.6g} (k-diffusion sigma), so the table does not apply to it"
+        )
+    if name in AYS_TIMESTEPS and n + 1 == len(AYS_TIMESTEPS[name]):  # the published timesteps themselves
+        grid = torch.tensor(AYS_TIMESTEPS[name], dtype=torch.float64)
+    else:
+        grid = time_of_k_sigma(schedule, torch.tensor(levels, dtype=torch.float64))
+    grid[0], grid[-1] = schedule.t_max, (schedule.t_zero if end == "zero" else schedule.t_min)
     return grid
 
 

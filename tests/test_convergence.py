@@ -30,6 +30,10 @@ from fewstep.schedules import VPContinuous
 NFES = [128, 192, 288, 432]
 # fourth-order methods leave the pre-asymptotic range later (unipc_3: slope 4.37 over 128-432, 4.23 over 192-648)
 NFES_HIGH = [192, 288, 432, 648]
+# gradient estimation's gamma = 2 over-extrapolates one of the 32 trajectories (between two mixture
+# components) onto another component below 160 NFE (its error 0.23 at 128 NFE, 0.026 at 192): the
+# RMSE falls 5x from 128 to 192 and then at first order (local slopes 1.13, 1.03, 1.00 over 192-648)
+LATE_START = {"gradient_estimation"}
 # order 0: no convergence order (time shift, CFG++); DC-Solver without fitted ratios is UniPC
 # (tests/test_unipc.py checks the equality, and measures the first order of a ratio other than 1)
 DETERMINISTIC = [
@@ -65,7 +69,7 @@ def _slope(nfes, errs):
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_convergence_order_at_default_options(setting, name):
     order = fewstep.spec(name).order
-    nfes = NFES if order < 4 else NFES_HIGH
+    nfes = NFES if order < 4 and name not in LATE_START else NFES_HIGH
     errs = _errors(setting, name, nfes)
     slope = _slope(nfes, errs)
     assert abs(slope - order) < 0.35, f"{name}: fitted order {slope:.2f}, declared {order}, errors {errs}"

@@ -232,3 +232,47 @@ def test_image_to_image_starts_part_way(unet, name):
         s2 = FewstepScheduler.from_config(ddpm.config, sampler="dpmpp_2s")
         s2.set_timesteps(6)
         s2.set_begin_index(2)
+
+
+def _pipeline_and_pull(unet, scheduler, pull_sampler, num_inference_steps, **pull):
+    """(push images, pull images, network calls) of DDPMPipeline with ``scheduler`` against
+    ``fewstep.sample`` on the same noise."""
+    ddpm = DDPMScheduler()
+    pipe = DDPMPipeline(unet=unet, scheduler=ddpm)
+    pipe.scheduler = scheduler
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    hook = unet.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        push = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=num_inference_steps, output_type="np").images
+    finally:
+        hook.remove()
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn((2, 1, 8, 8), generator=g)
+    with torch.no_grad():
+        x = fewstep.sample(DiffusersDenoiser(unet, ddpm), noise, pull_sampler, generator=g, **pull)
+    return push, (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), len(calls)
+
+
+def test_budget_in_solver_steps_through_a_pipeline(unet):
+    """``budget="steps"``: ``num_inference_steps`` counts solver steps (k-diffusion's count), so 5
+    Heun steps to clean data are 9 evaluations, the same tensors as ``fewstep.sample(steps=5)``."""
+    sch = FewstepScheduler.from_config(DDPMScheduler().config, sampler="heun", budget="steps")
+    push, pull, calls = _pipeline_and_pull(unet, sch, "heun", 5, steps=5)
+    assert calls == 9 == len(sch.timesteps)
+    assert abs(push - pull).max() == 0.0
+    nfe_sch = FewstepScheduler.from_config(DDPMScheduler().config, sampler="heun")
+    nfe_sch.set_timesteps(9)
+    assert torch.equal(nfe_sch.timesteps, sch.timesteps)
+    with pytest.raises(ValueError, match="budget must be"):
+        FewstepScheduler(sampler="heun", budget="evals")
+
+
+@pytest.mark.parametrize("name, base, spacing", [("dpmpp_2m_karras", "dpmpp_2m", "karras"), ("euler_a", "euler_ancestral", None)])
+def test_combined_and_alias_names_through_a_pipeline(unet, name, base, spacing):
+    """A sampler-and-spacing name (``dpmpp_2m_karras``) and an alias (``euler_a``) give in a pipeline
+    what the sampler they name gives through the pull door."""
+    sch = FewstepScheduler.from_config(DDPMScheduler().config, sampler=name)
+    push, pull, calls = _pipeline_and_pull(unet, sch, base, 6, nfe=6, **({"spacing": spacing} if spacing else {}))
+    assert calls == 6
+    assert abs(push - pull).max() == 0.0

@@ -7,7 +7,7 @@ t = 0.9935 to 4.6 at t_min = 0.0105), every option at its registry default and t
 ``end="zero"`` (the last step lands on clean data from t_min).
 The exact answer of that procedure is the closed-form denoiser at the exact ODE state at t_min, as
 in ``tests/test_convergence.py`` (VP); the slope of log RMSE against log NFE is fitted over NFE
-128-432 (192-648 for fourth-order methods) and must be within 0.35 of the declared order.  The
+128-432 (192-648 for fourth-order methods and gradient estimation's late start) and must be within 0.35 of the declared order.  The
 log-SNR range is the VP test's, so the asymptotic regime starts at the same NFE; what differs is
 every coefficient, computed from the flow schedule's own alpha, sigma and lambda (in ``x / sigma``
 and lambda the probability-flow ODE is the same for every schedule, so the errors match the VP
@@ -33,6 +33,9 @@ from conftest import CountingDenoiser
 
 NFES = [128, 192, 288, 432]
 NFES_HIGH = [192, 288, 432, 648]
+# the same log-SNR grid as tests/test_convergence.py gives the same errors, so the same late start for
+# gradient estimation (one trajectory over-extrapolated below 160 NFE; first order from 192 on)
+LATE_START = {"gradient_estimation"}
 DETERMINISTIC = [
     n for n in fewstep.available(model_kind="diffusion")
     if not fewstep.spec(n).stochastic and fewstep.spec(n).order > 0 and fewstep.spec(n).family != "dc_solver"
@@ -68,7 +71,7 @@ def _errors(setting, name, nfes):
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_convergence_order_on_the_flow_mixture(flow_setting, name):
     order = fewstep.spec(name).order
-    nfes = NFES if order < 4 else NFES_HIGH
+    nfes = NFES if order < 4 and name not in LATE_START else NFES_HIGH
     errs = _errors(flow_setting, name, nfes)
     slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
     assert abs(slope - order) < 0.35, f"{name}: fitted order {slope:.2f} on the flow mixture, declared {order}, errors {errs}"

@@ -28,7 +28,7 @@ def test_registry_metadata():
         assert d["name"] == name and s.paper and s.summary and s.evals_per_step >= 1
         assert s.model_kind in ("diffusion", "consistency")
     assert fewstep.spec("dpmpp_3m").order == 3 and fewstep.spec("dpmpp_2m_sde").stochastic
-    assert fewstep.samplers.available(family="deis") == ["deis_1", "deis_2", "deis_3"]
+    assert fewstep.samplers.available(family="deis") == ["deis_1", "deis_2", "deis_3", "lms"]  # lms: rhoAB-DEIS
 
 
 def test_unknown_name_lists_close_matches():

@@ -39,11 +39,16 @@ __all__ = [
     "multistep_orders",
     "lower_order_final_steps",
     "lagrange_integrals",
+    "gauss_legendre",
     "lagrange_weights",
     "phi",
     "forward_transition",
     "LinearStep",
     "linear_multistep_routine",
+    "ancestral_split",
+    "down_point",
+    "ancestral",
+    "churn_gamma",
     "Stage",
     "Interval",
     "runge_kutta_routine",
@@ -159,7 +164,8 @@ def dpmpp_multistep_weights(
       the exact mixture, tests/test_convergence.py).
     * ``eta > 0``: SDE-DPM-Solver++(2M) (Lu et al. 2022b, sec. 5 / App. B): the data term
       decays as ``e^{-(1+eta) h}`` and ``c_z = sigma_t sqrt(1 - e^{-2 eta h})``; ``eta = 1`` is the
-      paper's variant.
+      paper's variant.  Order 3 with ``eta > 0`` is k-diffusion's DPM-Solver++(3M) SDE: the same
+      Taylor terms with the effective step ``(1 + eta) h``.
     """
     s, t = pts[i], pts[i + 1]
     h = t.lam - s.lam
@@ -185,19 +191,23 @@ def dpmpp_multistep_weights(
         return c_x, [c0 + c1 / r0, -c1 / r0], c_z
     if order != 3:
         raise ValueError(f"multistep DPM-Solver++ has orders 1 to 3, got {order}")
-    if eta:
-        raise ValueError("the SDE variant is implemented up to order 2")
     r1 = ratio(pts[i - 1].lam - pts[i - 2].lam, h)
-    c1, c2 = t.alpha * e2(h), t.alpha * e3(h)
+    c1, c2 = t.alpha * e2(hh), t.alpha * e3(hh)
     a = np.array([1 / r0, -1 / r0, 0.0])  # (D_i - D_{i-1}) / r0
     b = np.array([0.0, 1 / r1, -1 / r1])  # (D_{i-1} - D_{i-2}) / r1
     d1 = a + (r0 / (r0 + r1)) * (a - b)
     d2 = (a - b) / (r0 + r1)
     w = c0 * np.array([1.0, 0.0, 0.0]) + c1 * d1 - 2.0 * d2_weight * c2 * d2
-    return c_x, [float(v) for v in w], 0.0
+    return c_x, [float(v) for v in w], c_z
 
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(48)
+
+
+def gauss_legendre(f: Callable[[np.ndarray], np.ndarray], lo: float, hi: float) -> float:
+    """``int_lo^hi f(v) dv`` by 48-point Gauss-Legendre quadrature (float64; ``f`` vectorised)."""
+    v = 0.5 * (hi - lo) * _GL_NODES + 0.5 * (hi + lo)
+    return float(0.5 * (hi - lo) * np.sum(_GL_WEIGHTS * f(v)))
 
 
 def lagrange_integrals(
@@ -350,7 +360,7 @@ def linear_multistep_routine(
                 hist_eps = [from_x0("epsilon", d, x, p.alpha, p.sigma), *hist_eps[: depth - 1]]
             x = combine(x, st.c_x, [*zip(st.w_d, hist_d), *zip(st.w_eps, hist_eps)])
             if st.c_z:
-                x.add_(noise.randn_like(x), alpha=st.c_z)
+                x.add_(noise.interval(x, p, pts[i + 1]), alpha=st.c_z)
         return x
 
     return routine
@@ -358,22 +368,33 @@ def linear_multistep_routine(
 
 @dataclass(frozen=True)
 class Stage:
-    """One evaluation inside a single step: at time ``t``, state ``c_x x + sum_j w[j] D_j`` over
-    the data predictions ``D_0 .. D_{k-1}`` of the earlier stages of the same step."""
+    """One evaluation inside a single step: at time ``t``, state ``c_x x + sum_j w[j] D_j +
+    sum_k z[k] Z_k`` over the data predictions ``D_0 .. D_{k-1}`` of the earlier stages of the same
+    step and the step's noise draws ``Z_k`` (:class:`Interval`)."""
 
     t: float
     c_x: float = 1.0
     w: tuple[float, ...] = ()
+    z: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class Interval:
     """A single step of an explicit Runge-Kutta-type method in linear form: its stages, then
-    ``x_next = c_x x + sum_j w[j] D_j``."""
+    ``x_next = c_x x + sum_j w[j] D_j + sum_k z[k] Z_k``.
+
+    Stochastic steps draw one standard normal ``Z_k`` per entry of ``noises`` (a pair of points: the
+    Brownian interval it belongs to, see :meth:`fewstep.samplers.core.NoiseSource.interval`) at the
+    start of the step, in that order; ``lift = (c, weights)`` replaces ``x`` by
+    ``c x + sum_k weights[k] Z_k`` before the first stage (EDM's churn, which raises the noise level
+    before the step)."""
 
     stages: tuple[Stage, ...]
     c_x: float
     w: tuple[float, ...]
+    z: tuple[float, ...] = ()
+    noises: tuple[tuple[Point, Point], ...] = ()
+    lift: tuple[float, tuple[float, ...]] | None = None
 
 
 def runge_kutta_routine(intervals: Sequence[Interval]) -> Callable[[torch.Tensor, NoiseSource], Routine]:
@@ -381,14 +402,61 @@ def runge_kutta_routine(intervals: Sequence[Interval]) -> Callable[[torch.Tensor
 
     def routine(x: torch.Tensor, noise: NoiseSource) -> Routine:
         for iv in intervals:
+            zs = [noise.interval(x, a, b) for a, b in iv.noises]
+            if iv.lift is not None:
+                x = combine(x, iv.lift[0], list(zip(iv.lift[1], zs)))
             ds: list[torch.Tensor] = []
             for st in iv.stages:
-                u = x if not st.w else combine(x, st.c_x, list(zip(st.w, ds)))
+                fresh = not st.w and not st.z
+                u = x if fresh else combine(x, st.c_x, [*zip(st.w, ds), *zip(st.z, zs)])
                 u_seen, d = yield Eval(u, st.t)
-                if not st.w:
+                if fresh:
                     x = u_seen  # the caller may hand back a changed state (diffusers' inpainting)
                 ds.append(d)
-            x = combine(x, iv.c_x, list(zip(iv.w, ds)))
+            x = combine(x, iv.c_x, [*zip(iv.w, ds), *zip(iv.z, zs)])
         return x
 
     return routine
+
+
+def ancestral_split(s: Point, t: Point, eta: float) -> tuple[float, float]:
+    """k-diffusion's ancestral step (``get_ancestral_step``) from ``s`` to ``t`` in the EDM form
+    ``rho = sigma / alpha``: ``rho_up = min(rho_t, eta rho_t sqrt(1 - rho_t^2 / rho_s^2))`` and
+    ``rho_down = sqrt(rho_t^2 - rho_up^2)``; the deterministic part of the step goes to ``rho_down``
+    and fresh noise ``rho_up`` brings it to ``rho_t`` (for ``eta = 1`` the DDPM posterior's variance,
+    Ho et al. 2020).  Returned as the fractions ``(rho_down / rho_t, rho_up / rho_t)``, finite at a
+    zero-SNR start (``rho_s = inf``) and at clean data (``rho_t = 0``, where both are irrelevant)."""
+    if math.isinf(t.lam):  # onto clean data: no noise, the step goes all the way
+        return 0.0, 0.0
+    q = math.exp(s.lam - t.lam) if math.isfinite(s.lam) else 0.0  # rho_t / rho_s
+    up = min(1.0, eta * math.sqrt(max(1.0 - q * q, 0.0)))
+    return math.sqrt(max(1.0 - up * up, 0.0)), up
+
+
+def down_point(t: Point, down: float) -> Point:
+    """The point ``(alpha_t, down * sigma_t)`` an ancestral step goes to before its noise: the EDM
+    noise level ``down * rho_t`` scaled by ``alpha_t`` (a pseudo-point with consistent ``lambda``; it
+    is never evaluated, so its time is ``t``'s)."""
+    return Point(t.t, t.alpha, down * t.sigma, t.lam - math.log(down) if down > 0 else math.inf, down * t.ksigma)
+
+
+def ancestral(s: Point, t: Point, eta: float, s_noise: float, step: Callable[[Point, Point], Interval]) -> Interval:
+    """An ancestral step (k-diffusion's ``sample_*_ancestral``): ``step`` from ``s`` to the down
+    point of :func:`ancestral_split`, then ``s_noise`` times fresh noise of the Brownian interval
+    ``(s, t)`` scaled to ``alpha_t rho_up = up * sigma_t``."""
+    down, up = ancestral_split(s, t, eta)
+    iv = step(s, down_point(t, down))
+    coef = s_noise * up * t.sigma
+    if coef == 0.0:
+        return iv
+    z = (*iv.z, *([0.0] * (len(iv.noises) - len(iv.z))), coef)
+    return Interval(iv.stages, iv.c_x, iv.w, z=z, noises=(*iv.noises, (s, t)), lift=iv.lift)
+
+
+def churn_gamma(s_churn: float, num_steps: int, rho: float, s_tmin: float, s_tmax: float) -> float:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): the noise level of a step is
+    first raised by ``gamma = min(S_churn / N, sqrt(2) - 1)`` when ``S_tmin <= rho <= S_tmax``
+    (``N`` the number of steps, k-diffusion's ``len(sigmas) - 1``)."""
+    if s_churn <= 0 or not s_tmin <= rho <= s_tmax:
+        return 0.0
+    return min(s_churn / num_steps, math.sqrt(2.0) - 1.0)

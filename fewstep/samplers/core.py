@@ -24,10 +24,13 @@ import torch
 
 from fewstep._util import close_matches
 from fewstep.models.prediction import time_tensor
-from fewstep.schedules import GridRule, NoiseSchedule, Spacing, default_spacing, time_grid
-from fewstep.samplers.registry import SamplerSpec, spec
+from fewstep.schedules import GridRule, NoiseSchedule, Spacing, default_spacing, is_explicit_grid, k_sigma, time_grid
+from fewstep.samplers.registry import SamplerSpec, resolve, spec
 
-__all__ = ["Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "check_state", "NonFiniteError", "UnguidedWarning", "SampleInfo", "MAX_NFE"]
+__all__ = [
+    "Eval", "Program", "Setup", "NoiseSource", "prepare", "sample", "run_program", "check_state", "steps_to_nfe",
+    "NonFiniteError", "UnguidedWarning", "SampleInfo", "MAX_NFE",
+]
 
 
 MAX_NFE = 100_000  # the largest budget prepare() accepts: building 10**7 steps' coefficients takes hours
@@ -70,10 +73,22 @@ Routine = Generator[Eval, "tuple[torch.Tensor, ...]", torch.Tensor]
 class NoiseSource:
     """Gaussian noise for stochastic samplers, from one ``torch.Generator`` or one per sample
     (``generator=[g_0, ..., g_{B-1}]``: then sample ``b`` only ever draws from ``g_b``, so results
-    do not depend on how samples are batched)."""
+    do not depend on how samples are batched).
+
+    Routines ask for noise with :meth:`interval`, naming the two points of the step the noise
+    belongs to; this source ignores them (every draw is fresh), a Brownian source
+    (:class:`fewstep.samplers.brownian.BrownianNoise`) returns the normalised Brownian increment
+    over them.  :meth:`begin` is called by the pull driver before the first evaluation."""
 
     def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None = None):
         self.generator = generator
+
+    def begin(self, program: "Program", x: torch.Tensor) -> None:
+        """Called once before a run; sources that need the program (its grid) prepare here."""
+
+    def interval(self, x: torch.Tensor, s: "Point", t: "Point") -> torch.Tensor:
+        """Standard normal noise of ``x``'s shape for the step from ``s`` to ``t``."""
+        return self.randn_like(x)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         g = self.generator
@@ -88,12 +103,17 @@ class NoiseSource:
 
 @dataclass(frozen=True)
 class Point:
-    """One time of a grid with its schedule values (Python floats, float64)."""
+    """One time of a grid with its schedule values (Python floats, float64).
+
+    ``ksigma`` is the noise level k-diffusion and ComfyUI call ``sigma`` for a model of this
+    schedule (:func:`fewstep.schedules.k_sigma`): ``sigma / alpha`` for VP schedules, the time itself
+    for EDM and flow matching.  Brownian noise sources key their path on it."""
 
     t: float
     alpha: float
     sigma: float
     lam: float  # half log-SNR, +inf at clean data, -inf at zero SNR
+    ksigma: float = math.nan
 
 
 def points(schedule: NoiseSchedule, times: Sequence[float] | torch.Tensor) -> list[Point]:
@@ -101,9 +121,10 @@ def points(schedule: NoiseSchedule, times: Sequence[float] | torch.Tensor) -> li
     t = torch.as_tensor(times, dtype=torch.float64).flatten()
     la, ls = schedule.log_alpha_sigma(t)
     lam = la - ls  # +inf at clean data, -inf at zero SNR
+    ks = k_sigma(schedule, t)
     return [
-        Point(ti, math.exp(a), math.exp(s), li)
-        for ti, a, s, li in zip(t.tolist(), la.tolist(), ls.tolist(), lam.tolist())
+        Point(ti, math.exp(a), math.exp(s), li, ki)
+        for ti, a, s, li, ki in zip(t.tolist(), la.tolist(), ls.tolist(), lam.tolist(), ks.tolist())
     ]
 
 
@@ -133,8 +154,9 @@ class Setup:
     @property
     def explicit_grid(self) -> torch.Tensor | None:
         """The caller's grid when ``spacing`` is a list of times (it fixes the steps), else ``None``
-        (a spacing name or a :class:`~fewstep.schedules.GridRule` lets the budget choose them)."""
-        if self.spacing is None or isinstance(self.spacing, (str, GridRule)):
+        (a spacing name, a ``{"name": ...}`` mapping or a :class:`~fewstep.schedules.GridRule`
+        lets the budget choose them)."""
+        if self.spacing is None or not is_explicit_grid(self.spacing):
             return None
         return torch.as_tensor(self.spacing, dtype=torch.float64).flatten()
 
@@ -155,8 +177,12 @@ class Setup:
         routine: Callable[[torch.Tensor, "NoiseSource"], "Routine"],
         stochastic: bool = False,
         orders: list[int] | None = None,
+        step_evals: list[int] | None = None,
     ) -> "Program":
-        return Program(self.spec, self.schedule, self.nfe, grid, eval_times, routine, dict(self.options), stochastic, orders=orders)
+        return Program(
+            self.spec, self.schedule, self.nfe, grid, eval_times, routine, dict(self.options), stochastic,
+            orders=orders, step_evals=step_evals,
+        )
 
 
 @dataclass
@@ -176,6 +202,21 @@ class Program:
     stochastic: bool = False
     x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     orders: list[int] | None = None  # per-step solver orders, for samplers with an ``orders`` option
+    # evaluations of each grid step, for samplers with more than one per step (None: one each)
+    step_evals: list[int] | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.grid) - 1
+
+    def evals_per_grid_step(self) -> list[int]:
+        """How many of the program's evaluations each grid step makes (k-diffusion's callback
+        reports the first evaluation of every step)."""
+        if self.step_evals is not None:
+            return list(self.step_evals)
+        if self.nfe != self.num_steps:
+            raise ValueError(f"{self.spec.name} does not say how its {self.nfe} evaluations fall on its {self.num_steps} steps")
+        return [1] * self.nfe
 
     @property
     def start_time(self) -> float:
@@ -214,6 +255,18 @@ def _real(value: Any, name: str) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return v
+
+
+def nonnegative_options(setup: "Setup", *names: str) -> list[float]:
+    """The named options of ``setup`` as floats, each checked to be a finite number >= 0 (``eta``,
+    ``s_noise``, ``s_churn``, ...); a bad value is an error naming the sampler and the option."""
+    out = []
+    for k in names:
+        v = setup.options[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{setup.spec.name}: {k} must be a finite number >= 0, got {v!r}")
+        out.append(float(v))
+    return out
 
 
 def _x0_transform(options: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -275,11 +328,59 @@ def validate_options(s: SamplerSpec, options: Mapping[str, Any]) -> dict[str, An
     return {**accepted, **options}
 
 
-def prepare(
+def _check_steps(steps: Any) -> int:
+    import numpy as np
+
+    if isinstance(steps, np.integer):
+        steps = int(steps)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int (the number of solver steps, k-diffusion's len(sigmas) - 1), got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return steps
+
+
+def _resolved(sampler: str, spacing: Spacing | None, options: Mapping[str, Any]) -> tuple[SamplerSpec, Spacing | None, dict[str, Any]]:
+    """The registered spec behind ``sampler`` (an alias or a ``<sampler>_<spacing>`` name such as
+    ``dpmpp_2m_karras``), the spacing to use and the options with the alias's presets."""
+    s, presets, named_spacing = resolve(sampler)
+    if named_spacing is not None and spacing is not None and not (isinstance(spacing, str) and spacing == named_spacing):
+        raise ValueError(
+            f"sampler name {sampler!r} already names the spacing {named_spacing!r}; do not pass spacing={spacing!r} "
+            f"too (use sampler={s.name!r} with spacing=... instead)"
+        )
+    return s, spacing if spacing is not None else named_spacing, {**presets, **options}
+
+
+def steps_to_nfe(
     sampler: str,
-    nfe: int,
+    steps: int,
     schedule: NoiseSchedule,
     *,
+    spacing: Spacing | None = None,
+    end: str = "zero",
+) -> int:
+    """The NFE budget of ``steps`` solver steps the k-diffusion / ComfyUI way (``steps`` is
+    ``len(sigmas) - 1``): ``evals_per_step`` evaluations per step, except that a step onto clean
+    data costs ``final_step_evals`` (k-diffusion's Heun, DPM-2, DPM++ 2S/SDE end with one Euler
+    step).  So 10 Heun steps to sigma = 0 are 19 evaluations.  For diffusers' push door:
+    ``FewstepScheduler.set_timesteps`` can call this to read ``num_inference_steps`` as steps."""
+    s, spacing, _ = _resolved(sampler, spacing, {})
+    steps = _check_steps(steps)
+    setup = Setup(s, schedule, 0, {}, spacing, end)
+    if setup.explicit_grid is not None:
+        n_grid = len(setup.explicit_grid) - 1
+        if n_grid != steps:
+            raise ValueError(f"the given grid has {n_grid} steps, not steps={steps}")
+    return s.nfe_for_steps(steps, setup.ends_on_data())
+
+
+def prepare(
+    sampler: str,
+    nfe: int | None,
+    schedule: NoiseSchedule,
+    *,
+    steps: int | None = None,
     spacing: Spacing | None = None,
     end: str = "zero",
     t_start: float | None = None,
@@ -288,13 +389,22 @@ def prepare(
 ) -> Program:
     """Build the :class:`Program` of a registered sampler: validates the options and the NFE
     budget, builds the grid and precomputes every coefficient.  ``steps_offset`` is diffusers'
-    offset of the ``leading`` spacing (1 in Stable Diffusion's config)."""
-    s = spec(sampler)
+    offset of the ``leading`` spacing (1 in Stable Diffusion's config).  Give the budget as ``nfe``
+    (network evaluations) or as ``steps`` (solver steps, k-diffusion's count; see
+    :func:`steps_to_nfe`), not both.  ``sampler`` may be an alias (``euler_a``) or name a
+    spacing too (``dpmpp_2m_karras``)."""
+    s, spacing, options = _resolved(sampler, spacing, options)
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(
             f"schedule must be a fewstep.schedules.NoiseSchedule, got {type(schedule).__name__}; "
             "for a diffusers model use fewstep.schedules.from_diffusers(scheduler_or_config)"
         )
+    if steps is not None:
+        if nfe is not None:
+            raise TypeError(f"pass the budget as nfe= (network evaluations) or steps= (solver steps), not both (got nfe={nfe}, steps={steps})")
+        nfe = steps_to_nfe(s.name, steps, schedule, spacing=spacing, end=end)
+    if nfe is None:
+        raise TypeError("prepare needs a budget: nfe= (network evaluations) or steps= (solver steps)")
     nfe = _check_nfe(nfe, s)
     opts = validate_options(s, options)
     program = s.build(Setup(s, schedule, nfe, opts, spacing, end, t_start, int(steps_offset)))
@@ -302,6 +412,11 @@ def prepare(
     program.x0_transform = _x0_transform(opts)
     if program.eval_times is not None and len(program.eval_times) != nfe:
         raise RuntimeError(f"internal error: {s.name} planned {len(program.eval_times)} evaluations for nfe={nfe}")
+    if steps is not None and program.num_steps != steps:
+        raise ValueError(
+            f"{s.name} cannot take {steps} steps of this grid with nfe={nfe}: it plans {program.num_steps} steps "
+            "(a start at zero SNR begins with extra first-order steps); pass nfe= instead"
+        )
     return program
 
 
@@ -383,7 +498,9 @@ def run_program(
     model_dtype = model_dtype or x.dtype
     if "uncond" in program.spec.needs:
         check_cfgpp_scale(program, denoiser)
-    routine = program.routine(x, noise_source or NoiseSource())
+    noise_source = noise_source or NoiseSource()
+    noise_source.begin(program, x)
+    routine = program.routine(x, noise_source)
     takes_s = bool(getattr(denoiser, "takes_target_time", False))
     times: list[float | list[float]] = []
     try:
@@ -519,6 +636,7 @@ def sample(
     sampler: str | None = None,
     nfe: int | None = None,
     *,
+    steps: int | None = None,
     plan: Any = None,
     schedule: NoiseSchedule | None = None,
     spacing: Spacing | None = None,
@@ -540,8 +658,12 @@ def sample(
             diffusers models into denoisers.
         noise: standard normal noise, shape (B, ...); its dtype is the dtype the network sees
             (float16/bfloat16 networks: the sampler state is kept in float32).
-        sampler: a registered name (``fewstep.samplers.available()``); default ``"dpmpp_2m"``.
+        sampler: a registered name (``fewstep.samplers.available()``), an alias (``euler_a``,
+            ``uni_pc``, ``"DPM++ 2M"``) or a sampler and spacing in one (``dpmpp_2m_karras``,
+            ``"DPM++ SDE Karras"``); default ``"dpmpp_2m"``.
         nfe: the number of network evaluations; default 10.
+        steps: instead of ``nfe``, the number of solver steps as k-diffusion, ComfyUI and A1111
+            count them (``len(sigmas) - 1``; 10 Heun steps are 19 evaluations).  Exclusive with ``nfe``.
         plan: a :class:`fewstep.samplers.SamplingPlan` (or its dict) from ``fewstep.samplers.tune``;
             it fixes the sampler, budget, grid and options, so those are not passed with it.
         schedule: the model's noise schedule; defaults to ``denoiser.schedule``.
@@ -565,13 +687,15 @@ def sample(
     if cond is not None and not isinstance(cond, Mapping):
         raise TypeError(f"cond must be a mapping of keyword arguments for the denoiser, got {type(cond).__name__}")
     if plan is not None:  # a plan names its schedule; one given (or the denoiser's) is checked against it
+        if steps is not None:
+            raise TypeError("a plan fixes its budget; do not pass steps= with plan=")
         program = _plan_program(plan, schedule if schedule is not None else getattr(denoiser, "schedule", None),
                                 sampler, nfe, spacing, end, t_start, options)
     else:
         schedule = model_schedule(denoiser, schedule)
         sampler = "dpmpp_2m" if sampler is None else sampler
-        nfe = 10 if nfe is None else nfe
-        program = prepare(sampler, nfe, schedule, spacing=spacing, end=end, t_start=t_start, **options)
+        nfe = 10 if nfe is None and steps is None else nfe
+        program = prepare(sampler, nfe, schedule, steps=steps, spacing=spacing, end=end, t_start=t_start, **options)
     work = torch.promote_types(noise.dtype, torch.float32)
     with torch.set_grad_enabled(bool(grad)):
         x = program.initial_state(noise.to(work))

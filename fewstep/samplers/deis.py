@@ -117,3 +117,30 @@ def _register(order: int) -> None:
 
 for _k in (1, 2, 3):
     _register(_k)
+
+
+@register(
+    name="lms",
+    family="deis",
+    order=4,
+    evals_per_step=1,
+    stochastic=False,
+    model_kind="diffusion",
+    paper="k-diffusion's sample_lms (Crowson): linear multistep (Adams-Bashforth) in EDM's sigma, the Lagrange basis "
+    "integrated exactly; = rhoAB-DEIS (Zhang & Chen 2023, eq. 14)",
+    summary="k-diffusion's LMS: Adams-Bashforth of order 4 in rho = sigma/alpha; denoise_final=False integrates the step "
+    "onto clean data at full order as k-diffusion 0.1.1 (ComfyUI denoises)",
+    options={"order": 4, "denoise_final": True},
+)
+def build_lms(setup: Setup) -> Program:
+    """Variable-step Adams-Bashforth of order ``min(order, i + 1)`` on ``d(x/alpha)/d rho = eps``
+    (:func:`deis_step` in the ``rho`` basis, k-diffusion's ``linear_multistep_coeff``)."""
+    k = setup.options["order"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"lms: order must be a positive int (k-diffusion's default 4), got {k!r}")
+    grid = setup.grid(setup.nfe)
+    pts = setup.points(grid)
+    denoise_last = math.isinf(pts[-1].lam) and final_is_denoising(setup, "rho")
+    orders = [1 if denoise_last and i == setup.nfe - 1 else min(k, i + 1) for i in range(setup.nfe)]
+    steps = [deis_step(setup, pts, i, o, "rho") for i, o in enumerate(orders)]
+    return setup.program(grid, [p.t for p in pts[:-1]], linear_multistep_routine(pts, steps))

@@ -27,7 +27,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from fewstep.models.prediction import EDMPreconditioning, check_prediction_type, to_x0
-from fewstep.samplers.core import Eval, NoiseSource, NonFiniteError, Program, check_state, prepare, validate_options
+from fewstep.samplers.core import Eval, NoiseSource, NonFiniteError, Program, check_state, prepare, steps_to_nfe, validate_options
 from fewstep.samplers.registry import spec
 from fewstep.schedules import (
     EDM,
@@ -71,7 +71,7 @@ _PUSH_LIMITS = {
 ETA_OPTION = {"ddim": "eta", "tcd": "gamma"}
 
 #: Scheduler keys of FewstepScheduler itself (not of the config it replaces).
-_OWN_KEYS = ("sampler", "sampler_options", "spacing", "final", "boundary_condition", "plan", "family", "diffusers_config")
+_OWN_KEYS = ("sampler", "sampler_options", "spacing", "final", "budget", "boundary_condition", "plan", "family", "diffusers_config")
 
 
 def _check_push_style(sampler: str) -> None:
@@ -123,6 +123,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             (chosen automatically when its config sets a grid key: ``timestep_spacing``,
             ``use_karras_sigmas``, ...).
         final: ``"zero"`` (finish on clean data) or ``"min"`` (stop at the schedule's ``t_min``).
+        budget: what ``num_inference_steps`` counts: ``"nfe"`` (network evaluations, the default)
+            or ``"steps"`` (solver steps, k-diffusion's and ComfyUI's count: 10 Heun steps to clean
+            data are 19 evaluations; :func:`fewstep.samplers.steps_to_nfe`).
         boundary_condition: a consistency model's ``c_skip`` / ``c_out`` (``BoundaryCondition``
             fields), applied to every data prediction (LCM's, read from ``LCMScheduler``'s
             ``timestep_scaling``; a distilled fewstep student's).
@@ -132,7 +135,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             channels; the first half is the prediction.
         diffusers_config: the config of the scheduler being replaced (for its own grid).
 
-    ``set_timesteps(n)`` plans exactly ``n`` network evaluations; ``timesteps`` holds the model
+    ``set_timesteps(n)`` plans exactly ``n`` network evaluations (``n`` solver steps with
+    ``budget="steps"``); ``timesteps`` holds the model
     timesteps of those evaluations in order (VP: the training index; flow: ``1000 t``; EDM:
     ``c_noise``), ``sigmas`` their noise levels in diffusers' convention.
     """
@@ -160,6 +164,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         sampler_options: dict[str, Any] | None = None,
         spacing: str | None = None,
         final: str = "zero",
+        budget: str = "nfe",
         boundary_condition: dict[str, float] | None = None,
         plan: dict[str, Any] | None = None,
         family: str = "vp_discrete",
@@ -206,6 +211,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"spacing must be None, 'diffusers' or one of {', '.join(SPACINGS)}, got {spacing!r}")
         if final not in ("zero", "min"):
             raise ValueError(f"final must be 'zero' (finish on clean data) or 'min' (stop at t_min), got {final!r}")
+        if budget not in ("nfe", "steps"):
+            raise ValueError(f"budget must be 'nfe' (num_inference_steps counts network evaluations) or 'steps' (solver steps), got {budget!r}")
+        if budget == "steps" and plan is not None:
+            raise ValueError("a sampling plan fixes its number of network evaluations; use budget='nfe' with plan=")
         if use_dynamic_shifting and family != "flow":
             raise ValueError("use_dynamic_shifting is the resolution-dependent shift of flow-matching schedules (family='flow')")
         self.init_noise_sigma = self.schedule.noise_scale(self.schedule.t_max)
@@ -425,6 +434,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return
         _check_push_style(self.config.sampler)
         s = spec(self.config.sampler)
+        if self.config.budget == "steps":
+            nfe = steps_to_nfe(self.config.sampler, nfe, schedule, end=self.config.final)
         options = self._options()
         if "original_inference_steps" in s.options and original_inference_steps is not None:
             options["original_inference_steps"] = int(original_inference_steps)
@@ -453,7 +464,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             spacing = self._native_rule(schedule, mu=mu, original_inference_steps=original_inference_steps)
         else:
             spacing = self.config.spacing
-        integral_ok = spacing is not None and (not isinstance(spacing, str) or spacing in _DIFFUSERS_SPACINGS)
+        integral_ok = spacing is not None and (not isinstance(spacing, (str, Mapping)) or spacing in _DIFFUSERS_SPACINGS)
         self._install(self._prepare(nfe, schedule, spacing, options), device, integral_ok=integral_ok)
 
     def _install(self, program: Program, device: str | torch.device | None, integral_ok: bool = True) -> None:
@@ -531,7 +542,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         spacing = prep["spacing"]
         device = self.timesteps.device
         old, old_sigmas = self.timesteps, self.sigmas
-        if spacing is None or (isinstance(spacing, str) and spacing not in _DIFFUSERS_SPACINGS):
+        if spacing is None or (isinstance(spacing, (str, Mapping)) and spacing not in _DIFFUSERS_SPACINGS):
             t_start = self._diffusers_start_time(prep["schedule"], n, k)
             program = prepare(
                 self.config.sampler, n - k, prep["schedule"], spacing=spacing, end=self.config.final, t_start=t_start,

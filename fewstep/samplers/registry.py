@@ -11,7 +11,7 @@ from fewstep._util import close_matches
 if TYPE_CHECKING:
     from fewstep.samplers.core import Program, Setup
 
-__all__ = ["SamplerSpec", "register", "available", "spec"]
+__all__ = ["SamplerSpec", "register", "available", "spec", "resolve", "aliases"]
 
 # Options every sampler accepts; they act on each data prediction (see core.x0_transform).
 COMMON_OPTIONS: dict[str, Any] = {
@@ -33,7 +33,10 @@ class SamplerSpec:
     :attr:`fewstep.samplers.core.Program.stochastic` and ``SampleInfo.stochastic`` say what a
     run actually does); ``evals_per_step`` the network evaluations one full step costs;
     ``min_nfe`` the smallest budget it can run with; ``options`` the solver options it accepts,
-    with their defaults (a misspelt option is an error, never handed to the network)."""
+    with their defaults (a misspelt option is an error, never handed to the network);
+    ``final_step_evals`` what a step onto clean data costs when it is cheaper than a full step
+    (the Euler step that ends k-diffusion's Heun, DPM-2 and DPM++ 2S / SDE samplers), so that
+    :meth:`nfe_for_steps` converts k-diffusion's step count into a budget."""
 
     name: str
     family: str
@@ -51,6 +54,14 @@ class SamplerSpec:
     # unconditional prediction of a guided denoiser, CFG++) or "target_time" (a model taking the
     # time it jumps to, CTM).  A diffusers pipeline's loop can give neither.
     needs: tuple[str, ...] = ()
+    final_step_evals: int | None = None  # None: a step onto clean data costs evals_per_step
+
+    def nfe_for_steps(self, steps: int, ends_on_data: bool) -> int:
+        """Network evaluations of ``steps`` solver steps (``len(sigmas) - 1`` in k-diffusion): a
+        full step costs ``evals_per_step``, the last one ``final_step_evals`` when it lands on
+        clean data."""
+        last = self.final_step_evals if ends_on_data and self.final_step_evals is not None else self.evals_per_step
+        return self.evals_per_step * (steps - 1) + last
 
     def all_options(self) -> dict[str, Any]:
         opts = dict(COMMON_OPTIONS)
@@ -68,6 +79,7 @@ class SamplerSpec:
             "min_nfe": self.min_nfe,
             "push_style": self.push_style,
             "needs": list(self.needs),
+            "final_step_evals": self.final_step_evals if self.final_step_evals is not None else self.evals_per_step,
             "paper": self.paper,
             "summary": self.summary,
             "options": dict(self.options),
@@ -104,15 +116,91 @@ def available(family: str | None = None, model_kind: str | None = None) -> list[
     )
 
 
-def spec(name: str) -> SamplerSpec:
-    """The metadata of a registered sampler; an unknown name lists the closest ones."""
+# Names users know from k-diffusion, ComfyUI and AUTOMATIC1111 for registered samplers, with the
+# options that make them that sampler.  Each is the *same numbers* as the tool it comes from
+# (tests/test_k_samplers.py), except where the comment says how it differs.
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    # k-diffusion / ComfyUI spellings
+    "euler_a": ("euler_ancestral", {}),
+    "dpm2": ("dpm_2", {}),
+    "dpm2_a": ("dpm_2_ancestral", {}),
+    "dpm_2_a": ("dpm_2_ancestral", {}),
+    "dpmpp_2s_a": ("dpmpp_2s_ancestral", {}),
+    "dpmpp_sde_gpu": ("dpmpp_sde", {}),  # ComfyUI: the same sampler with the Brownian tree on the GPU
+    "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", {}),
+    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde", {"solver_type": "heun"}),
+    "dpmpp_2m_sde_heun_gpu": ("dpmpp_2m_sde", {"solver_type": "heun"}),
+    "dpmpp_3m_sde_gpu": ("dpmpp_3m_sde", {}),
+    # UniPC as ComfyUI / A1111 configure it (bh1; bh2).  ComfyUI runs the UniPC authors' code, which
+    # also lowers the order at every step count and ends at sigma = 0.001 instead of 0: not the same
+    # numbers (lower_order_final=math.inf gives the authors' order rule).
+    "uni_pc": ("unipc_3", {"solver_type": "bh1"}),
+    "unipc": ("unipc_3", {"solver_type": "bh1"}),
+    "uni_pc_bh2": ("unipc_3", {"solver_type": "bh2"}),
+    # AUTOMATIC1111's old k_ names
+    "k_euler": ("euler", {}),
+    "k_euler_a": ("euler_ancestral", {}),
+    "k_euler_ancestral": ("euler_ancestral", {}),
+    "k_heun": ("heun", {}),
+    "k_dpm_2": ("dpm_2", {}),
+    "k_dpm_2_a": ("dpm_2_ancestral", {}),
+    "k_dpm_2_ancestral": ("dpm_2_ancestral", {}),
+    "k_lms": ("lms", {}),
+}
+
+
+def aliases() -> dict[str, str]:
+    """``{alias: registered name}``."""
+    return {k: v[0] for k, v in _ALIASES.items()}
+
+
+def _normalise(name: str) -> str:
+    """AUTOMATIC1111's display names to the snake-case ones: ``"DPM++ 2M Karras"`` ->
+    ``dpmpp_2m_karras``, ``"Euler a"`` -> ``euler_a``."""
+    out = name.strip().lower().replace("++", "pp")
+    for ch in " -":
+        out = out.replace(ch, "_")
+    while "__" in out:
+        out = out.replace("__", "_")
+    return out
+
+
+def _exact(name: str) -> tuple[SamplerSpec, dict[str, Any]] | None:
+    if name in _REGISTRY:
+        return _REGISTRY[name], {}
+    if name in _ALIASES:
+        target, presets = _ALIASES[name]
+        return _REGISTRY[target], dict(presets)
+    return None
+
+
+def resolve(name: str) -> tuple[SamplerSpec, dict[str, Any], str | None]:
+    """``(spec, preset options, spacing or None)`` for a registered name, an alias, an
+    AUTOMATIC1111 display name or a combined ``<sampler>_<spacing>`` name (``dpmpp_2m_karras``,
+    ``euler_a_sgm_uniform``, ``"DPM++ SDE Karras"``); an unknown name lists the closest ones."""
     _ensure_loaded()
     if not isinstance(name, str):
         raise TypeError(f"a sampler is named by a string, got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown sampler {name!r}{close_matches(name, _REGISTRY)}; "
-            f"`fewstep samplers` or fewstep.samplers.available() lists all {len(_REGISTRY)}"
-        ) from None
+    for candidate in dict.fromkeys((name, _normalise(name))):
+        found = _exact(candidate)
+        if found is not None:
+            return found[0], found[1], None
+    from fewstep.schedules import SPACINGS
+
+    key = _normalise(name)
+    for sp in sorted(SPACINGS, key=len, reverse=True):  # longest first: ddim_uniform before uniform-like tails
+        if key.endswith("_" + sp):
+            found = _exact(key[: -len(sp) - 1])
+            if found is not None:
+                return found[0], found[1], sp
+    known = [*_REGISTRY, *_ALIASES]
+    raise ValueError(
+        f"unknown sampler {name!r}{close_matches(key, known)}; `fewstep samplers` or fewstep.samplers.available() "
+        f"lists all {len(_REGISTRY)} (aliases: {', '.join(sorted(_ALIASES))}; a spacing can be appended, e.g. dpmpp_2m_karras)"
+    )
+
+
+def spec(name: str) -> SamplerSpec:
+    """The metadata of a registered sampler (aliases and ``<sampler>_<spacing>`` names give the
+    sampler they name); an unknown name lists the closest ones."""
+    return resolve(name)[0]
