@@ -36,6 +36,7 @@ __all__ = [
     "EDM",
     "FlowMatching",
     "VPSigma",
+    "TrigFlow",
     "GridRule",
     "from_diffusers",
     "time_grid",
@@ -592,6 +593,47 @@ class FlowMatching(NoiseSchedule):
 
 
 # ---------------------------------------------------------------------------------------------
+# TrigFlow (Lu & Song 2024, sCM, sec. 2.2)
+# ---------------------------------------------------------------------------------------------
+
+
+class TrigFlow(NoiseSchedule):
+    """TrigFlow, the schedule of continuous-time consistency models (Lu & Song 2024, "Simplifying,
+    Stabilizing and Scaling Continuous-Time Consistency Models", sec. 2.2, eq. 3):
+    ``x_t = cos(t) x_0 + sin(t) z`` with ``z ~ N(0, sigma_d^2 I)``, so ``alpha = cos t`` and
+    ``sigma = sigma_d sin t`` on ``t in [0, pi/2]``.  The network receives ``t`` itself (diffusers'
+    ``SCMScheduler`` timesteps) and sampling starts from ``sigma_d`` times standard noise.
+    :mod:`fewstep.trigflow` maps any other schedule onto it by log-SNR."""
+
+    kind = "vp"
+
+    def __init__(self, sigma_data: float = 0.5, t_min: float = 1e-4):
+        if not sigma_data > 0:
+            raise ValueError(f"TrigFlow needs sigma_data > 0, got {sigma_data}")
+        self.sigma_data = float(sigma_data)
+        self.t_zero, self.t_min, self.t_max = 0.0, float(t_min), math.pi / 2
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.cos(t.clamp(0.0, math.pi / 2)))
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return math.log(self.sigma_data) + torch.log(torch.sin(t.clamp(0.0, math.pi / 2)))
+
+    def _t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        # tan t = sigma / (sigma_d alpha) = exp(-lambda) / sigma_d
+        return torch.atan2(torch.exp(-lam), torch.full_like(lam, self.sigma_data))
+
+    def noise_scale(self, t: float) -> float:
+        return self.sigma_data * math.sin(float(t))
+
+    def _repr_args(self) -> str:
+        return f"sigma_data={self.sigma_data}"
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "trigflow", "sigma_data": self.sigma_data, "t_min": self.t_min}
+
+
+# ---------------------------------------------------------------------------------------------
 # Construction from diffusers and from plain data
 # ---------------------------------------------------------------------------------------------
 
@@ -669,7 +711,9 @@ def from_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
         return FlowMatching(**cfg)
     if kind == "vp_sigma":
         return VPSigma(**cfg)
-    raise ValueError(f"unknown schedule type {kind!r} in config; expected vp_discrete, vp_continuous, vp_sigma, edm or flow")
+    if kind == "trigflow":
+        return TrigFlow(**cfg)
+    raise ValueError(f"unknown schedule type {kind!r} in config; expected vp_discrete, vp_continuous, vp_sigma, edm, flow or trigflow")
 
 
 # ---------------------------------------------------------------------------------------------

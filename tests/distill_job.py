@@ -2,9 +2,10 @@
 
     python tests/distill_job.py OUT --steps 40 [--checkpoint-every 10] [--resume latest]
                                 [--batch-size 16] [--nan-at STEP:INDEX] [--grad-accum 1]
-                                [--immiscible]
+                                [--immiscible] [--objective cd|rcm]
 
-CD on an exact 8-dimensional Gaussian mixture with a small MLP student, one CPU thread, every
+CD (or rCM: student, log-variance head and fake score, each with its own optimizer) on an exact
+8-dimensional Gaussian mixture with a small MLP student, one CPU thread, every
 setting fixed, so two runs that see the same global batch produce the same weights.  Launched
 directly, under ``accelerate launch --num_processes 2 --cpu``, or killed mid-way by the tests.
 """
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--nan-at", default=None)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--immiscible", action="store_true", help="assign each micro-batch's noises to its data")
+    p.add_argument("--objective", default="cd", choices=["cd", "rcm"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -71,13 +73,19 @@ def main(argv=None) -> int:
         step, index = (int(v) for v in args.nan_at.split(":"))
         data = NaNAt(data, step, index)
     torch.manual_seed(0)
-    net = MLPNet(dim=8, hidden=32, depth=2, time_embed_dim=16)
+    net = MLPNet(dim=8, hidden=32, depth=2, time_embed_dim=16, timestep_scale=1e-3 if args.objective == "rcm" else 1.0)
     cfg = DistillConfig(output_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=1e-3, grad_accum=args.grad_accum,
                         checkpoint_every=args.checkpoint_every, keep_checkpoints=2, resume=args.resume,
                         progress=False, log_every=5, cpu=True)
-    objective = CD(num_intervals=8, teacher_sampler="dpmpp_2s", noise_assignment=True if args.immiscible else None)
-    run = Distiller(objective, data, gm.denoiser(schedule), net,
-                    prediction_type="sample", config=cfg).train()
+    if args.objective == "rcm":  # three trainable networks (student, log-variance head, fake score), three optimizers
+        from fewstep.distill import RCM
+
+        fake = MLPNet(dim=8, hidden=32, depth=2, time_embed_dim=16, timestep_scale=1e-3)
+        obj = RCM(tangent_warmup=4, student_update_freq=3, fake_score=fake, fake_prediction_type="v_prediction", fake_lr=5e-4)
+        run = Distiller(obj, data, gm.denoiser(schedule), net, prediction_type="v_prediction", config=cfg).train()
+    else:
+        objective = CD(num_intervals=8, teacher_sampler="dpmpp_2s", noise_assignment=True if args.immiscible else None)
+        run = Distiller(objective, data, gm.denoiser(schedule), net, prediction_type="sample", config=cfg).train()
     print(f"done step={run.step} skipped={run.skipped_steps} processes={run.processes} resumed={run.resumed_from}", flush=True)
     return 0
 

@@ -35,18 +35,25 @@ def _max_diff(a, b) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(JOB), str(killed), "--steps", "100000", "--checkpoint-every", "10"],
+def kill_after_checkpoint(out: Path, step: int, *args) -> Path:
+    """Start the job (``args`` added) in ``out`` with no end, SIGKILL it once ``checkpoint-<step>``
+    is complete; returns the checkpoints folder."""
+    proc = subprocess.Popen([sys.executable, str(JOB), str(out), "--steps", "100000", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    ckpts = killed / "checkpoints"
+    ckpts = out / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts / "checkpoint-0000010").is_dir():
+    while time.time() < deadline and not (ckpts / f"checkpoint-{step:07d}").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     proc.stderr.close()
+    return ckpts
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    killed = tmp_path / "killed"
+    ckpts = kill_after_checkpoint(killed, 10, "--checkpoint-every", 10)
     done = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
     assert done, "no complete checkpoint before the kill"
     last = int(done[-1].split("-")[1])

@@ -1,7 +1,7 @@
-"""Consistency distillation and its relatives: objectives (CD, LCD, MCD, iCT, sLCT; BOOT,
-data-free; MMD finetuning through the sampler), immiscible noise assignment, the student
-parameterisation, one trainer on ``accelerate``, atomic checkpoints and students saved in
-diffusers format.
+"""Consistency distillation and its relatives: objectives (CD, LCD, MCD, iCT, sLCT; continuous-time
+sCM and rCM; BOOT, data-free; MMD finetuning through the sampler), immiscible noise assignment,
+the student parameterisations, one trainer on ``accelerate`` (several trainable networks where an
+objective needs them), atomic checkpoints and students saved in diffusers format.
 
 Quick start (the exact digits mixture as teacher, a small MLP student)::
 
@@ -36,6 +36,11 @@ _WHERE = {
     "MMD": "mmd",
     "TunedDenoiser": "mmd",
     "Objective": "objective",
+    "SCM": "scm",
+    "LogVarianceHead": "scm",
+    "RCM": "rcm",
+    "TrigFlowBoundary": "student",
+    "TrainableNetwork": "objective",
     "ConsistencyObjective": "objective",
     "consistency_distance": "objective",
     "BoundaryCondition": "student",
@@ -73,7 +78,8 @@ __all__ = sorted([*_WHERE, "OBJECTIVES"])
 
 def __getattr__(name: str) -> Any:
     if name == "OBJECTIVES":
-        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"), ("slct", "SLCT"), ("boot", "BOOT"), ("mmd", "MMD"))}
+        return {k: __getattr__(v) for k, v in (("cd", "CD"), ("lcd", "LCD"), ("mcd", "MCD"), ("ict", "ICT"), ("slct", "SLCT"),
+                                                ("scm", "SCM"), ("rcm", "RCM"), ("boot", "BOOT"), ("mmd", "MMD"))}
     if name in _WHERE:
         return getattr(importlib.import_module(f"fewstep.distill.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'fewstep.distill' has no attribute {name!r}")

@@ -11,6 +11,9 @@ which the next run deletes.  ``resume="latest"`` picks the highest step.  What a
   ``LOCAL_STATE_DICT``).  No object is registered with accelerate, so there is no
   ``custom_checkpoint_<n>.pkl``: accelerate 1.x reads those with ``torch.load(weights_only=False)``,
   which runs whatever a crafted file asks.
+* further trainable networks of an objective (rCM's fake score, sCM's log-variance head): accelerate
+  writes them as ``model_<i>.safetensors`` with ``optimizer_<i>.bin`` and ``scheduler_<i>.bin``, in
+  the order of their names, which ``fewstep_state.json`` lists (``networks``).
 * fewstep's own state: ``ema.safetensors`` (the EMA target network), ``sampling_ema.safetensors``
   (the sampling EMA's shadow weights), ``lora.safetensors`` (a LoRA student's trainable
   parameters, written instead of accelerate's ``model.safetensors``: the frozen base is not
@@ -136,6 +139,7 @@ def verify_checkpoint(
     objective: str | None = None,
     sampling_ema: bool | None = None,
     lora: bool | None = None,
+    networks: list[str] | None = None,
 ) -> dict[str, Any]:
     """Check a checkpoint folder before anything in it is loaded (see the module docstring) and
     return its ``fewstep_state.json``.  ``ema``, ``fsdp`` and ``objective`` describe the run about
@@ -196,6 +200,17 @@ def verify_checkpoint(
             )
     if state.get("sampling_ema") and not (folder / SAMPLING_EMA_FILE).is_file():
         raise ValueError(f"{folder} lacks {SAMPLING_EMA_FILE} (the sampling EMA); {_FOREIGN_FIX}")
+    have_nets = state.get("networks", [])
+    if not isinstance(have_nets, list) or not all(isinstance(n, str) for n in have_nets):
+        raise ValueError(f"{state_path} is not a fewstep checkpoint state ('networks' malformed); {_FOREIGN_FIX}")
+    if networks is not None and list(networks) != have_nets:
+        raise ValueError(
+            f"{folder} holds the trainable networks {['student', *have_nets]}, this run trains {['student', *networks]}; "
+            "resume with the same objective settings, or start this run in another output folder"
+        )
+    for i in range(1, len(have_nets) + 1):
+        if fsdp is not True and not (folder / f"model_{i}.safetensors").is_file():
+            raise ValueError(f"{folder} lacks model_{i}.safetensors (the {have_nets[i - 1]!r} network); {_FOREIGN_FIX}")
     data = state.get("data")
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"{state_path} is not a fewstep checkpoint state ('data' malformed); {_FOREIGN_FIX}")

@@ -32,6 +32,9 @@ __all__ = ["add_distill_parser", "cmd_distill", "DIGITS_DEFAULTS"]
 DIGITS_DEFAULTS: dict[str, Any] = {
     "objective": "cd",
     "steps": 1500,
+    # sCM / rCM steps cost about 1.7x CD's on the CPU (the JVP; rCM's fake score): 1000 keeps the
+    # default run under 15 minutes (benchmarks/RESULTS.md, "Continuous-time consistency")
+    "continuous_steps": 1000,
     "batch_size": 64,
     "lr": 5e-4,
     "num_intervals": 18,
@@ -59,8 +62,9 @@ def add_distill_parser(sub: Any) -> None:
         help="distil a few-step consistency student (default: the embedded digits UNet, CPU, < 15 min)",
         description=__doc__.splitlines()[0] + " With no arguments: the embedded digits teacher on the CPU.",
     )
-    d.add_argument("--objective", choices=["cd", "lcd", "mcd", "ict", "slct", "boot", "mmd"], default=None,
-                   help="default: cd; boot is data-free (no --data); mmd fine-tunes the teacher for --nfe steps of --tune-sampler")
+    d.add_argument("--objective", choices=["cd", "lcd", "mcd", "ict", "slct", "scm", "rcm", "boot", "mmd"], default=None,
+                   help="default: cd; scm / rcm: continuous-time consistency (sCM, score-regularised rCM); boot is data-free "
+                   "(no --data); mmd fine-tunes the teacher for --nfe steps of --tune-sampler")
     d.add_argument("--teacher", type=Path, default=None, help="diffusers pipeline folder (default: embedded digits UNet)")
     d.add_argument("--student", type=Path, default=None, help="diffusers model folder to start the student from (default: the teacher's weights)")
     d.add_argument(
@@ -72,7 +76,8 @@ def add_distill_parser(sub: Any) -> None:
                    help="training data: .pt/.npy tensor (N, C, H, W) in [-1, 1], .pt dict, a folder of images, a folder of "
                    "image-caption pairs (name.png + name.txt) or of webdataset .tar shards (with a text-to-image --teacher), "
                    "or a folder of latent shards written by --precompute")
-    d.add_argument("--steps", type=check.positive_int, default=None, help=f"training steps (default: {DIGITS_DEFAULTS['steps']})")
+    d.add_argument("--steps", type=check.positive_int, default=None,
+                   help=f"training steps (default: {DIGITS_DEFAULTS['steps']}; scm / rcm: {DIGITS_DEFAULTS['continuous_steps']})")
     d.add_argument("--batch-size", type=check.positive_int, default=None,
                    help=f"global batch, divisible by processes x --grad-accum (default: {DIGITS_DEFAULTS['batch_size']})")
     d.add_argument("--grad-accum", type=check.positive_int, default=1, help="micro-batches per step (default: %(default)s)")
@@ -128,6 +133,13 @@ def add_distill_parser(sub: Any) -> None:
     g.add_argument("--validation-prompts", nargs="+", default=None, metavar="PROMPT",
                    help="prompts sampled with the student every --validate-every steps and at the end, VAE-decoded into "
                    "OUT/validation/step-N.png")
+    c = d.add_argument_group("continuous-time consistency (--objective scm | rcm)")
+    c.add_argument("--tangent-warmup", type=check.nonnegative_int, default=None,
+                   help="steps of sCM's tangent warm-up (default: a third of --steps, at most 10000, the paper's)")
+    c.add_argument("--jvp", choices=["jvp", "fd"], default=None, help="tangent by torch.func.jvp (default) or finite differences")
+    c.add_argument("--dmd-weight", type=check.positive_float, default=None, help="rCM: weight of the distribution-matching term (default: 1)")
+    c.add_argument("--student-update-freq", type=check.positive_int, default=None,
+                   help="rCM: after the warm-up the student updates every N-th step, the fake score on the others (default: 5)")
     s = d.add_argument_group("scale")
     s.add_argument("--tf32", action="store_true", help="TF32 matrix products on Ampere+ GPUs")
     s.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="adamw8bit needs bitsandbytes")
@@ -208,7 +220,7 @@ def _load_data(path: Path, size: int, channels: int) -> tuple[torch.Tensor, dict
 def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any:
     """The objective of the command line; an explicit value is used as given (checked
     positive by argparse), only a missing one takes the default."""
-    from fewstep.distill import CD, ICT, LCD, MCD
+    from fewstep.distill import CD, ICT, LCD, MCD, RCM, SCM
 
     common: dict[str, Any] = {}
     if args.target_ema is not None:
@@ -233,6 +245,18 @@ def _objective(args: argparse.Namespace, uncond: dict[str, torch.Tensor]) -> Any
                    checkpointing=not args.no_checkpointing, sampler_options=MMD_DEFAULTS["sampler_options"])
     if args.objective == "ict":
         return ICT(**({"loss": args.loss} if args.loss is not None else {}), **assigned)
+    if args.objective in ("scm", "rcm"):
+        steps = DIGITS_DEFAULTS["steps"] if args.steps is None else args.steps
+        cont: dict[str, Any] = {"tangent_warmup": min(10_000, steps // 3) if args.tangent_warmup is None else args.tangent_warmup}
+        if args.jvp is not None:
+            cont["jvp"] = args.jvp
+        if args.objective == "scm":
+            return SCM(**cont)
+        if args.dmd_weight is not None:
+            cont["dmd_weight"] = args.dmd_weight
+        if args.student_update_freq is not None:
+            cont["student_update_freq"] = args.student_update_freq
+        return RCM(**cont)
     common.update(assigned)
     if args.objective == "lcd":
         lcd: dict[str, Any] = {"skip": 1 if args.skip is None else args.skip, "guidance_range": args.guidance_range}
@@ -447,6 +471,19 @@ def _check_distill(args: argparse.Namespace) -> None:
             raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --objective {objective} "
                              "(improved consistency training has its own noise curriculum, no teacher step and no EMA target)")
     _check_slct_options(args)
+    continuous = [k for k, v in (("--tangent-warmup", args.tangent_warmup), ("--jvp", args.jvp)) if v is not None]
+    if continuous and objective not in ("scm", "rcm"):
+        raise UsageError(f"{', '.join(continuous)} {'applies' if len(continuous) == 1 else 'apply'} to --objective scm | rcm only")
+    rcm_only = [k for k, v in (("--dmd-weight", args.dmd_weight), ("--student-update-freq", args.student_update_freq)) if v is not None]
+    if rcm_only and objective != "rcm":
+        raise UsageError(f"{', '.join(rcm_only)} {'applies' if len(rcm_only) == 1 else 'apply'} to --objective rcm only")
+    if objective in ("scm", "rcm"):
+        given = [k for k, v in (("--num-intervals", args.num_intervals), ("--teacher-sampler", args.teacher_sampler),
+                                ("--target-ema", args.target_ema), ("--loss", args.loss), ("--lora", args.lora or None),
+                                ("--immiscible", args.immiscible)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --objective {objective} "
+                             "(continuous time: no grid, no teacher step, a stop-gradient target, sCM's own loss, a full student)")
     if args.segments is not None and objective != "mcd":
         raise UsageError(f"--segments {args.segments} applies to --objective mcd only")
     if args.teacher_sampler is not None:
@@ -494,6 +531,8 @@ def _distill_saved(args: argparse.Namespace) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     args.objective = DIGITS_DEFAULTS["objective"] if args.objective is None else args.objective
+    if args.steps is None and args.objective in ("scm", "rcm"):
+        args.steps = DIGITS_DEFAULTS["continuous_steps"]
     _check_distill(args)
     args._on_interrupt = lambda: _distill_saved(args)
     from fewstep._util import atomic_write_json

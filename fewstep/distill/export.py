@@ -37,7 +37,7 @@ import torch
 
 import fewstep
 from fewstep._util import atomic_write_json, default_permissions, fsync_dir, require_safetensors
-from fewstep.distill.student import BoundaryCondition, ConsistencyStudent
+from fewstep.distill.student import ConsistencyStudent, boundary_from_config
 from fewstep.schedules import NoiseSchedule, VPDiscrete, from_config
 
 __all__ = ["STUDENT_META", "STUDENT_KINDS", "LORA_WEIGHTS", "save_student", "save_lora_student", "load_student", "DistilledStudent", "scheduler_config_for", "lora_state_dict"]
@@ -135,6 +135,8 @@ def _write_student_folder(folder: str | os.PathLike, student: ConsistencyStudent
             from fewstep import FewstepScheduler
 
             boundary = getattr(student, "boundary", None)  # none for a fine-tuned diffusion model (MMD)
+            if getattr(boundary, "kind", None) == "trigflow":
+                boundary = None  # a TrigFlow (sCM) student's prediction is its consistency function: no c_skip / c_out
             FewstepScheduler(
                 **sched,
                 sampler=meta["sampler"],
@@ -301,12 +303,8 @@ def load_student(folder: str | os.PathLike, device: torch.device | str | None = 
         cls_path, sub = str(network["class"]), str(network["subfolder"])
         if not isinstance(network.get("lora", {}), dict):
             raise ValueError("'network.lora' is not an object")
-        kind = str(meta.get("student_kind", "consistency"))
-        if kind not in STUDENT_KINDS:
-            raise ValueError(f"unknown student_kind {kind!r} (this fewstep reads {', '.join(STUDENT_KINDS)})")
         if kind == "consistency":
-            b = meta["boundary"]
-            boundary = BoundaryCondition(float(b["boundary_time"]), float(b["scale"]), float(b["sigma_data"]))
+            boundary = boundary_from_config(dict(meta["boundary"]))
         schedule = from_config(meta["schedule"])
         prediction_type = str(meta["prediction_type"])
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as err:

@@ -13,12 +13,17 @@ __all__ = ["MLPNet"]
 
 class MLPNet(ModelMixin, ConfigMixin):
     """``net(x (B, dim), timestep) -> (B, dim)``: a residual SiLU MLP with a sinusoidal timestep
-    embedding added to every hidden layer (``timestep`` a number, a 0-d or a (B,) tensor)."""
+    embedding added to every hidden layer (``timestep`` a number, a 0-d or a (B,) tensor).
+
+    ``timestep_scale`` multiplies the timestep before the embedding: continuous-time consistency
+    students need a smooth time input (sCM, Lu & Song 2024, sec. 4.1: a small-scale time embedding,
+    ``c_noise(t) = t``, since ``dF/dt`` through a high-frequency embedding of ``1000 t`` makes the
+    tangent unstable); ``1e-3`` maps DDPM's 0..999 onto [0, 1]."""
 
     _supports_gradient_checkpointing = False
 
     @register_to_config
-    def __init__(self, dim: int = 64, hidden: int = 256, depth: int = 3, time_embed_dim: int = 64):
+    def __init__(self, dim: int = 64, hidden: int = 256, depth: int = 3, time_embed_dim: int = 64, timestep_scale: float = 1.0):
         super().__init__()
         self.inp = torch.nn.Linear(dim, hidden)
         self.time = torch.nn.Sequential(torch.nn.Linear(time_embed_dim, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden))
@@ -27,6 +32,8 @@ class MLPNet(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).flatten()
+        if self.config.timestep_scale != 1.0:
+            t = t * self.config.timestep_scale
         if t.numel() == 1:
             t = t.expand(sample.shape[0])
         emb = self.time(get_timestep_embedding(t, self.config.time_embed_dim).to(self.inp.weight.dtype))

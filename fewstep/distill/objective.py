@@ -32,7 +32,7 @@ from fewstep.distill.student import BoundaryCondition
 from fewstep.distill.teacher import IntervalSolver
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["Batch", "Models", "Objective", "ConsistencyObjective", "LOSSES", "consistency_distance", "RandomState"]
+__all__ = ["Batch", "Models", "Objective", "TrainableNetwork", "ConsistencyObjective", "LOSSES", "consistency_distance", "RandomState"]
 
 LOSSES = ("l2", "pseudo_huber", "huber", "cauchy")
 
@@ -56,6 +56,22 @@ class Models:
     target: Callable[..., torch.Tensor]
     teacher: Callable[..., torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the objective's other trainable networks (:meth:`ConsistencyObjective.extra_networks`), as
+    #: the trainer prepared them (DDP-wrapped under several processes), by name
+    networks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainableNetwork:
+    """A trainable network of an objective besides the student (rCM's fake score, sCM's
+    log-variance head), with its own optimizer: AdamW with these settings (``None``: the run's
+    ``DistillConfig`` value).  The trainer prepares it with accelerate (DDP), checkpoints it with
+    its optimizer and LR schedule, and steps it at the training steps whose :meth:`phase` names it."""
+
+    module: torch.nn.Module
+    lr: float | None = None
+    adam_betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
 
 
 @dataclass
@@ -129,6 +145,17 @@ class Objective(ABC):
     def sampler_options(self) -> dict[str, Any]:
         """Options of :attr:`sampler` the student needs (recorded with the checkpoint)."""
         return {}
+
+    def extra_networks(self, student: Any, teacher: Any) -> dict[str, "TrainableNetwork"]:
+        """Trainable networks besides the student, by name (called once, after :meth:`bind`, with
+        the built student and the teacher); none by default."""
+        return {}
+
+    def phase(self, step: int) -> tuple[str, ...] | None:
+        """The networks whose optimizers step at training step ``step`` (``"student"`` and names of
+        :meth:`extra_networks`); ``None`` (default): all of them.  :meth:`loss` returns the loss of
+        that phase (alternating updates, as rCM's student / fake-score steps)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Plain-data description for the checkpoint metadata."""

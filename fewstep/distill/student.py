@@ -47,7 +47,7 @@ from fewstep.models.diffusers_models import DiffusersDenoiser
 from fewstep.models.prediction import time_tensor
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["BoundaryCondition", "ConsistencyStudent", "guidance_embedding"]
+__all__ = ["BoundaryCondition", "TrigFlowBoundary", "ConsistencyStudent", "guidance_embedding", "boundary_from_config"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,41 @@ class BoundaryCondition:
 
     def config(self) -> dict[str, float]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrigFlowBoundary:
+    r"""The parameterisation of continuous-time (sCM / rCM) students: no ``c_skip`` / ``c_out``.
+
+    sCM's consistency function is ``f(x_t, t) = cos(t) x_t - sin(t) sigma_d F_theta(x_t, t)`` in
+    TrigFlow (Lu & Song 2024, eq. 5).  With ``F_theta`` the network's own prediction mapped to
+    TrigFlow (:class:`fewstep.trigflow.TrigFlowNetwork`: ``sigma_d F = (cos t x_t - D_theta) /
+    sin t``), ``f`` *is* the network's data prediction ``D_theta``, so the coefficients are
+    ``(0, 1)``; ``f(x, 0) = x`` holds because the epsilon, v and flow conversions give ``D = x`` at
+    clean data.  ``boundary_time`` is the schedule's clean-data time."""
+
+    boundary_time: float
+    sigma_data: float = 0.5
+    kind: str = "trigflow"
+
+    def coefficients(self, schedule: NoiseSchedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tt = t.detach().to("cpu", torch.float64)
+        return torch.zeros_like(tt), torch.ones_like(tt)
+
+    def scalar_coefficients(self, schedule: NoiseSchedule, t: float) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    def config(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def boundary_from_config(cfg: dict[str, Any]) -> BoundaryCondition | TrigFlowBoundary:
+    """Inverse of ``config()`` of either parameterisation (a config without ``kind`` is CM's)."""
+    if cfg.get("kind") == "trigflow":
+        return TrigFlowBoundary(float(cfg["boundary_time"]), float(cfg["sigma_data"]))
+    if "kind" in cfg:
+        raise ValueError(f"unknown student parameterisation kind {cfg['kind']!r}; expected 'trigflow' or none")
+    return BoundaryCondition(float(cfg["boundary_time"]), float(cfg["scale"]), float(cfg["sigma_data"]))
 
 
 def guidance_embedding(guidance_scale: torch.Tensor | float, dim: int, batch: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ copy, or the student under stop-gradient), the frozen teacher and the optimizer,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import importlib.util
@@ -59,7 +60,7 @@ from fewstep.distill.checkpoint import EMA_FILE, LORA_FILE, SAMPLING_EMA_FILE, C
 from fewstep.distill.data import DataSource, sample_generators
 from fewstep.distill.ema import SamplingEMA, ema_update
 from fewstep.distill.export import save_lora_student
-from fewstep.distill.objective import Batch, ConsistencyObjective, Models, Objective
+from fewstep.distill.objective import Batch, ConsistencyObjective, Models, Objective, TrainableNetwork
 from fewstep.distill.student import ConsistencyStudent
 from fewstep.distill.teacher import AdaptersOff
 from fewstep.models.diffusers_models import DiffusersDenoiser
@@ -275,6 +276,7 @@ class Distiller:
                 "with time_cond_proj_dim set (pass guidance_embedding_dim=256 to build it from the teacher), or use "
                 "LCD(guidance_embedding=False)"
             )
+        self.extras = self._extra_networks()
         self.out = Path(self.config.output_dir)
         check_output_dir(self.out, self.config.resume)  # an existing run needs resume=; its checkpoint is verified
         _check_writable(self.out)
@@ -328,6 +330,24 @@ class Distiller:
         net.train()
         emb = getattr(getattr(net, "config", None), "time_cond_proj_dim", None) if getattr(self.objective, "guidance_embedding", False) else None
         return self.objective.make_student(net, self.schedule, prediction_type, emb)
+
+    def _extra_networks(self) -> dict[str, TrainableNetwork]:
+        """The objective's trainable networks besides the student (sorted by name: the order they
+        are prepared, saved and loaded in), checked."""
+        extras = self.objective.extra_networks(self.student, self.teacher)
+        if not isinstance(extras, Mapping):
+            raise TypeError(f"{type(self.objective).__name__}.extra_networks must return a dict of name -> TrainableNetwork")
+        for name, net in extras.items():
+            if not (isinstance(name, str) and name.isidentifier()) or name == "student":
+                raise ValueError(f"extra network names must be identifiers other than 'student', got {name!r}")
+            if not isinstance(net, TrainableNetwork) or not isinstance(net.module, torch.nn.Module):
+                raise TypeError(f"extra network {name!r} must be a TrainableNetwork holding an nn.Module")
+            if not any(p.requires_grad for p in net.module.parameters()):
+                raise ValueError(f"extra network {name!r} has no trainable parameters")
+        if extras and self.lora is not None:
+            raise ValueError(f"the {self.objective.name} objective trains further networks ({', '.join(sorted(extras))}); "
+                             "LoRA students cannot be combined with them yet: train the full student (lora=None)")
+        return {k: extras[k] for k in sorted(extras)}
 
     def objective_boundary(self) -> Any:
         """The boundary condition the (bound) objective trains."""
@@ -415,12 +435,28 @@ class Distiller:
             raise ValueError("the student has no trainable parameters")
         opt = self._optimizer(params)
         warm = max(int(cfg.warmup_steps), 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
-        model, opt, sched = acc.prepare(student, opt, sched)
+        ramp = (lambda k: min(1.0, (k + 1) / warm)) if warm else (lambda k: 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+        # every trainable network with its own optimizer and LR schedule, prepared together (DDP),
+        # so accelerate's save_state / load_state hold them all (model_1.safetensors, optimizer_1.bin, ...)
+        extra_parts: list[Any] = []
+        for net in self.extras.values():
+            module = net.module.to(device).train()
+            eparams = [p for p in module.parameters() if p.requires_grad]
+            eopt = self._optimizer(eparams, net)
+            extra_parts += [module, eopt, torch.optim.lr_scheduler.LambdaLR(eopt, ramp)]
+        model, opt, sched, *prepared = acc.prepare(student, opt, sched, *extra_parts)
+        names = list(self.extras)
+        networks = {n: prepared[3 * i] for i, n in enumerate(names)}
+        optimizers = {"student": opt, **{n: prepared[3 * i + 1] for i, n in enumerate(names)}}
+        schedulers = {"student": sched, **{n: prepared[3 * i + 2] for i, n in enumerate(names)}}
+        net_params = {"student": params, **{n: [p for p in networks[n].parameters() if p.requires_grad] for n in names}}
+        wrapped = [model, *networks.values()]
         counters = _Counters()  # saved by fewstep itself, as are the EMA weights: nothing is pickled
         inner = acc.unwrap_model(model)
         ema = SamplingEMA(inner, cfg.sampling_ema) if cfg.sampling_ema is not None else None
-        models = Models(student=model, target=target if target is not None else inner, teacher=self.teacher, extras={"device": device})
+        models = Models(student=model, target=target if target is not None else inner, teacher=self.teacher, extras={"device": device},
+                        networks=networks)
         if self.lora is not None:
             self._lora_checkpoint_hooks(acc, inner)
 
@@ -430,7 +466,7 @@ class Distiller:
         resumed = self.checkpoints.resolve(cfg.resume)
         if resumed is not None:
             saved = verify_checkpoint(resumed, ema=target is not None, fsdp=fsdp, objective=self.objective.name,
-                                      sampling_ema=ema is not None, lora=self.lora is not None)
+                                      sampling_ema=ema is not None, lora=self.lora is not None, networks=names)
             acc.load_state(str(resumed))
             if target is not None:
                 from safetensors.torch import load_file  # (load_model's device= needs safetensors > 0.4.1)
@@ -462,6 +498,7 @@ class Distiller:
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
             torch.manual_seed(derived_seed("distill-rank", cfg.seed, rank, step))
+            active = self._phase(step)
             skipped = False
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
@@ -477,15 +514,20 @@ class Distiller:
                         self._micro_batch(gens, step, device, stream, consume_only=True)
                     break
                 last = micro == cfg.grad_accum - 1
-                with acc.no_sync(model) if not last else _null():
+                with contextlib.ExitStack() as hold:
+                    if not last:
+                        for m in wrapped:
+                            hold.enter_context(acc.no_sync(m))
                     acc.backward(loss / cfg.grad_accum)
                 step_loss += float(acc.reduce(loss.detach().reshape(1), "mean")) / cfg.grad_accum
             if not skipped and cfg.grad_clip is not None:
-                norm = acc.clip_grad_norm_(params, cfg.grad_clip)
-                if norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))) and cfg.precision != "fp16":
-                    skipped = True  # identical on every rank: the gradients are already averaged
+                for name in active:  # each network's gradient clipped on its own
+                    norm = acc.clip_grad_norm_(net_params[name], cfg.grad_clip)
+                    if norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))) and cfg.precision != "fp16":
+                        skipped = True  # identical on every rank: the gradients are already averaged
             if skipped:
-                opt.zero_grad(set_to_none=True)
+                for o in optimizers.values():
+                    o.zero_grad(set_to_none=True)
                 counters.skipped += 1
                 consecutive_bad += 1
                 if consecutive_bad > cfg.max_nonfinite:
@@ -495,13 +537,16 @@ class Distiller:
                     )
             else:
                 consecutive_bad = 0
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                if target is not None:
-                    ema_update(target, inner, self.objective.target_ema)
-                if ema is not None:
-                    ema.update(inner)
+                for name in active:
+                    optimizers[name].step()
+                    schedulers[name].step()
+                for o in optimizers.values():  # a network outside the phase may have gradients: dropped
+                    o.zero_grad(set_to_none=True)
+                if "student" in active:
+                    if target is not None:
+                        ema_update(target, inner, self.objective.target_ema)
+                    if ema is not None:
+                        ema.update(inner)
             counters.step = step + 1
             losses.append(step_loss if not skipped else math.nan)
             bar.update(1)
@@ -522,7 +567,7 @@ class Distiller:
                     self._validate(inner, ema, step + 1, history, bar)
                 acc.wait_for_everyone()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                self._checkpoint(acc, step + 1, counters, target, ema)
+                self._checkpoint(acc, step + 1, counters, target, ema, names)
         bar.close()
         student_dir = self._finish(acc, model, inner, ema, history)
         if cfg.log_with:
@@ -559,6 +604,9 @@ class Distiller:
 
     def _check_fsdp(self, acc: Any) -> None:
         """What fewstep's trainer supports under FSDP (see docs/design.md, Scale)."""
+        if self.extras:
+            raise ValueError(f"the {self.objective.name} objective trains several networks ({', '.join(['student', *self.extras])}); "
+                             "fewstep runs that under DDP only (accelerate launch --multi_gpu), not FSDP")
         if self.objective.target_ema or self.config.sampling_ema is not None:
             raise ValueError(
                 "an EMA network (target_ema > 0, or sampling_ema) needs the full parameters on every rank, which FSDP "
@@ -571,14 +619,29 @@ class Distiller:
                 "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (or FSDP_STATE_DICT_TYPE=FULL_STATE_DICT)"
             )
 
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """AdamW, or bitsandbytes' 8-bit AdamW (``optimizer="adamw8bit"``)."""
+    def _optimizer(self, params: list[torch.nn.Parameter], net: TrainableNetwork | None = None) -> torch.optim.Optimizer:
+        """AdamW, or bitsandbytes' 8-bit AdamW (``optimizer="adamw8bit"``); an extra network's own
+        settings replace the run's where it gives them."""
         cfg = self.config
+        lr = cfg.lr if net is None or net.lr is None else float(net.lr)
+        betas = cfg.adam_betas if net is None or net.adam_betas is None else tuple(net.adam_betas)
+        wd = cfg.weight_decay if net is None or net.weight_decay is None else float(net.weight_decay)
         if cfg.optimizer == "adamw8bit":
             import bitsandbytes as bnb  # checked installed by DistillConfig.check
 
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+
+    def _phase(self, step: int) -> tuple[str, ...]:
+        """The networks stepped at ``step`` (:meth:`ConsistencyObjective.phase`), checked."""
+        active = self.objective.phase(step)
+        every = ("student", *self.extras)
+        if active is None:
+            return every
+        unknown = [n for n in active if n not in every]
+        if unknown or not active:
+            raise ValueError(f"{type(self.objective).__name__}.phase({step}) named {list(active)}; it must name some of {list(every)}")
+        return tuple(active)
 
     def _lora_checkpoint_hooks(self, acc: Any, inner: ConsistencyStudent) -> None:
         """Checkpoints of a LoRA student hold its trainable parameters only (``lora.safetensors``),
@@ -695,7 +758,8 @@ class Distiller:
                     stacklevel=3,
                 )
 
-    def _checkpoint(self, acc: Any, step: int, counters: _Counters, target: torch.nn.Module | None, ema: SamplingEMA | None) -> None:
+    def _checkpoint(self, acc: Any, step: int, counters: _Counters, target: torch.nn.Module | None, ema: SamplingEMA | None,
+                    networks: list[str] | None = None) -> None:
         tmp = self.checkpoints.temporary(step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
@@ -710,6 +774,7 @@ class Distiller:
                         if k in (*_RUN_SETTINGS, "lr", "adam_betas", "weight_decay", "steps")}
             write_state(tmp, {"step": counters.step, "skipped": counters.skipped, "objective": self.objective.name,
                               "ema": target is not None, "sampling_ema": ema is not None, "lora": self.lora is not None,
+                              "networks": list(networks or []),
                               "data": self.data.position(counters.step, self.config.batch_size) if self._streaming else None,
                               "config": settings})
         acc.wait_for_everyone()

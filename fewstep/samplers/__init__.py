@@ -3,7 +3,7 @@
 Importing this package registers the built-in families (one module each)."""
 
 from fewstep.samplers import ddim, deis, dpm_solver  # noqa: F401  (registration)
-from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, plan, time_shift, unipc  # noqa: F401  (registration)
+from fewstep.samplers import cfg_pp, consistency, dc_solver, edm, momentum, plan, scm, time_shift, unipc  # noqa: F401  (registration)
 from fewstep.samplers import ancestral, er_sde, gradient_estimation, ipndm, res  # noqa: F401  (registration)
 from fewstep.samplers.brownian import BrownianNoise
 from fewstep.samplers.core import steps_to_nfe
