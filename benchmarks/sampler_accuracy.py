@@ -308,10 +308,11 @@ def fewstep_names() -> list[str]:
     ]
 
 
-def fewstep_rows(study: ExactStudy, nfe: int, fit_noise: torch.Tensor) -> list[Row]:
+def fewstep_rows(study: ExactStudy, nfe: int, fit_noise: torch.Tensor, names: list[str] | None = None) -> list[Row]:
+    """Every deterministic registry sampler (or ``names``) with its defaults on ``study``."""
     den = study.model.denoiser(study.schedule)
     rows = []
-    for name in fewstep_names():
+    for name in fewstep_names() if names is None else names:
         opts: dict = {}
         note = ""
         if fewstep.spec(name).family == "dc_solver":
@@ -382,20 +383,8 @@ def flow_peer_rows(study: ExactStudy, nfe: int) -> list[Row]:
 
 def flow_fewstep_rows(study: ExactStudy, nfe: int, fit_noise: torch.Tensor, plans: bool) -> list[Row]:
     names = [n for n in fewstep_names() if fewstep.spec(n).family != "time_shift"]  # time shift re-times VP samples
-    rows = []
+    rows = fewstep_rows(study, nfe, fit_noise, names)
     den = study.model.denoiser(study.schedule)
-    for name in names:
-        opts: dict = {}
-        note = ""
-        if fewstep.spec(name).family == "dc_solver":
-            opts = fit_dc_ratios(den, fit_noise, name, nfe)
-            note = "ratios fitted on 16 other trajectories"
-        try:
-            out = fewstep.sample(den, study.noise, name, nfe, **opts)
-        except ValueError as err:
-            rows.append(Row("fewstep", name, nfe, math.nan, math.nan, str(err)))
-            continue
-        rows.append(Row("fewstep", name, nfe, *_errors(study, out), note))
     if plans:
         from fewstep.samplers.tuning import tune
 
