@@ -303,6 +303,9 @@ def load_student(folder: str | os.PathLike, device: torch.device | str | None = 
         cls_path, sub = str(network["class"]), str(network["subfolder"])
         if not isinstance(network.get("lora", {}), dict):
             raise ValueError("'network.lora' is not an object")
+        kind = str(meta.get("student_kind", "consistency"))
+        if kind not in STUDENT_KINDS:
+            raise ValueError(f"unknown student_kind {kind!r} (this fewstep reads {', '.join(STUDENT_KINDS)})")
         if kind == "consistency":
             boundary = boundary_from_config(dict(meta["boundary"]))
         schedule = from_config(meta["schedule"])
