@@ -66,10 +66,15 @@ def _slope(nfes, errs):
     return -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
 
 
+def budgets(name):
+    """The NFE range over which ``name``'s declared order is fitted (shared with the flow test)."""
+    return NFES if fewstep.spec(name).order < 4 and name not in LATE_START else NFES_HIGH
+
+
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_convergence_order_at_default_options(setting, name):
     order = fewstep.spec(name).order
-    nfes = NFES if order < 4 and name not in LATE_START else NFES_HIGH
+    nfes = budgets(name)
     errs = _errors(setting, name, nfes)
     slope = _slope(nfes, errs)
     assert abs(slope - order) < 0.35, f"{name}: fitted order {slope:.2f}, declared {order}, errors {errs}"

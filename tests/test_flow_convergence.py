@@ -31,15 +31,9 @@ from fewstep.schedules import EDM, FlowMatching, VPContinuous, from_diffusers
 
 from conftest import CountingDenoiser
 
-NFES = [128, 192, 288, 432]
-NFES_HIGH = [192, 288, 432, 648]
-# the same log-SNR grid as tests/test_convergence.py gives the same errors, so the same late start for
-# gradient estimation (one trajectory over-extrapolated below 160 NFE; first order from 192 on)
-LATE_START = {"gradient_estimation"}
-DETERMINISTIC = [
-    n for n in fewstep.available(model_kind="diffusion")
-    if not fewstep.spec(n).stochastic and fewstep.spec(n).order > 0 and fewstep.spec(n).family != "dc_solver"
-]
+# the same log-SNR range as tests/test_convergence.py (so the same errors): its samplers, NFE ranges
+# (gradient estimation's late start included) and slope fit
+from test_convergence import DETERMINISTIC, _slope, budgets
 _VP = VPContinuous("linear", t_min=1e-3)  # the log-SNR range of tests/test_convergence.py
 T_START = 1.0 / (1.0 + math.exp(float(_VP.lambda_(_VP.t_max))))
 T_MIN = 1.0 / (1.0 + math.exp(float(_VP.lambda_(_VP.t_min))))
@@ -71,9 +65,9 @@ def _errors(setting, name, nfes):
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_convergence_order_on_the_flow_mixture(flow_setting, name):
     order = fewstep.spec(name).order
-    nfes = NFES if order < 4 and name not in LATE_START else NFES_HIGH
+    nfes = budgets(name)
     errs = _errors(flow_setting, name, nfes)
-    slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
+    slope = _slope(nfes, errs)
     assert abs(slope - order) < 0.35, f"{name}: fitted order {slope:.2f} on the flow mixture, declared {order}, errors {errs}"
 
 
